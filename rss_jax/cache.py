@@ -1,0 +1,46 @@
+"""KV cache with per-row lengths.
+
+The cache holds keys and values for every layer in one array each, [L, B, S, KVH, D]; how many slots of a row are
+valid is kept apart, in `lengths` [B] int32, by whoever owns the decode loop. A forward writes its T new tokens at
+slots lengths[b] .. lengths[b]+T-1 and attends to slots <= its own; rolling back after a rejected draft is simply not
+advancing the length: the stale slots are overwritten by the next write and are never visible before that.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, S, KVH, D]
+    v: jax.Array  # [L, B, S, KVH, D]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def gather_rows(self, rows: jax.Array) -> "KVCache":
+        """Keep the rows `rows` [B'] (e.g. survivors of a Speculative Rejection round) in a smaller buffer."""
+        return KVCache(k=jnp.take(self.k, rows, axis=1), v=jnp.take(self.v, rows, axis=1))
+
+    def repeat_rows(self, n: int) -> "KVCache":
+        """Fan every row out to n consecutive rows (one prefill shared by n samples)."""
+        return KVCache(k=jnp.repeat(self.k, n, axis=1), v=jnp.repeat(self.v, n, axis=1))
+
+
+def init_cache(config, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
+    shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def write_block(cache_l: jax.Array, new: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Write new [B, T, KVH, D] into one layer's cache [B, S, KVH, D] at slots lengths[b]..lengths[b]+T-1."""
+    def one(c, x, start):
+        return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (start, 0, 0))
+    return jax.vmap(one)(cache_l, new, lengths)

@@ -1,0 +1,98 @@
+"""`rss_jax.load`: a ready model from any supported source, and the LM object the decoding functions take."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rss_jax import loading, sharding
+from rss_jax.loading.names import flatten, unflatten
+from rss_jax.models import abstract_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _uncached_logits(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens)[0]
+
+
+@dataclasses.dataclass
+class LM:
+    """A loaded causal LM: `config`, NNX `graphdef` + `state` (split at the jit boundary), `tokenizer` (or None)."""
+    config: object
+    graphdef: object
+    state: object
+    tokenizer: object = None
+    source: str = ""
+    dtype: str = "float32"
+
+    @property
+    def module(self):
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the shared token space: the tokenizer's when there is one, else the embedding rows."""
+        return len(self.tokenizer) if self.tokenizer is not None else self.config.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple:
+        ids = list(self.config.eos_token_ids)
+        tok = self.tokenizer
+        if tok is not None:
+            for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab()
+                      else None, tok.convert_tokens_to_ids("<|eot_id|>") if "<|eot_id|>" in tok.get_vocab()
+                      else None):
+                if t is not None and t not in ids:
+                    ids.append(int(t))
+        return tuple(ids)
+
+    def logits(self, tokens) -> jax.Array:
+        """The reference forward: tokens [B, T] (ids) -> logits [B, T, V] float32, no cache."""
+        tokens = jnp.asarray(np.asarray(tokens, dtype=np.int32))
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        return _uncached_logits(self.graphdef, self.state, tokens)
+
+    def params(self) -> dict:
+        """Flat {path: array} view of the parameters."""
+        return flatten(nnx.to_pure_dict(self.state))
+
+    def save(self, path: str, overwrite: bool = False) -> str:
+        """Write an Orbax folder that `rss_jax.load` reads back without re-conversion."""
+        flat = {k: np.asarray(v, dtype=np.float32) for k, v in self.params().items()}
+        return loading.orbax_io.save(path, self.config, flat, self.tokenizer, overwrite=overwrite)
+
+    def __repr__(self):
+        c = self.config
+        return (f"LM({c.model_type or c.family}, layers={c.num_layers}, hidden={c.hidden_size}, "
+                f"vocab={c.vocab_size}, dtype={self.dtype}, source={self.source!r})")
+
+
+def from_params(config, flat: dict, tokenizer=None, dtype="float32", mesh=None, source="") -> LM:
+    """Assemble an LM from a config and a flat {path: array} parameter dict."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    jdtype = DTYPES[dtype]
+    graphdef, abstract = nnx.split(abstract_model(config, jdtype))
+    if mesh is not None:
+        arrays = sharding.shard_params({k: np.asarray(v).astype(jdtype) for k, v in flat.items()}, mesh)
+    else:
+        arrays = {k: jnp.asarray(v, dtype=jdtype) for k, v in flat.items()}
+    nnx.replace_by_pure_dict(abstract, unflatten(arrays))
+    return LM(config=config, graphdef=graphdef, state=abstract, tokenizer=tokenizer, source=source, dtype=dtype)
+
+
+def load(source: str, dtype: str = "float32", mesh=None) -> LM:
+    """Load a model from a Hugging Face folder (safetensors), a .gguf file, an rss_jax Orbax folder or a built-in name
+    such as "smollm2-135m-instruct". Weights are converted to `dtype` ("float32" or "bfloat16")."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    config, flat, tokenizer, path = loading.load_weights(os.fspath(source))
+    return from_params(config, flat, tokenizer, dtype=dtype, mesh=mesh, source=path)

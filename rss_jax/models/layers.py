@@ -1,0 +1,142 @@
+"""Building blocks shared by the model families: norms, rotary embeddings, attention with or without a KV cache.
+
+All math that decides probabilities (norm statistics, softmax) runs in float32 whatever the weight dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from rss_jax.cache import write_block
+
+
+def rms_norm(x, weight, eps):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x, weight, bias, eps):
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def activation(name: str):
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"unsupported activation function {name!r} (supported: silu, gelu, gelu_new, relu)")
+
+
+def rope_inv_freq(config) -> jax.Array:
+    """Inverse frequencies [D/2] including `linear` and `llama3` scaling (as Hugging Face computes them)."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scaling = config.rope_scaling_dict
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate x [B, T, H, D] by positions [B, T] (half-split layout, as in Hugging Face Llama)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention(q, k, v, cache_k=None, cache_v=None, lengths=None):
+    """Grouped-query attention.
+
+    q [B, T, H, D], k/v [B, T, KVH, D] for the T new tokens.
+    Without a cache: causal attention of the T tokens among themselves.
+    With a cache (one layer's [B, S, KVH, D]): the new k/v are written at slots lengths[b]..lengths[b]+T-1 and query
+    t of row b sees slots 0..lengths[b]+t.
+    Returns (out [B, T, H*D], cache_k, cache_v).
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    if cache_k is not None:
+        cache_k = write_block(cache_k, k, lengths)
+        cache_v = write_block(cache_v, v, lengths)
+        keys, values = cache_k, cache_v
+        q_slot = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    else:
+        keys, values = k, v
+        q_slot = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
+    s = keys.shape[1]
+    mask = jnp.arange(s)[None, None, :] <= q_slot[:, :, None]  # [B, T, S]
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None, :, :], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(values.dtype), values)
+    return out.reshape(b, t, h * d).astype(q.dtype), cache_k, cache_v
+
+
+def scan_layers(block, layer_params: dict, h, cache_k=None, cache_v=None):
+    """Run `block(params_l, h, ck_l, cv_l) -> (h, ck_l, cv_l)` over the stacked layers with one lax.scan, so that
+    compile time does not grow with depth. cache_k/cache_v are [L, B, S, KVH, D] or None (uncached forward)."""
+    if cache_k is None:
+        def body(h, p):
+            h, _, _ = block(p, h, None, None)
+            return h, None
+        h, _ = jax.lax.scan(body, h, layer_params)
+        return h, None, None
+
+    n_layers = cache_k.shape[0]
+
+    def body(carry, xs):
+        h, ck, cv = carry
+        p, i = xs
+        h, k_l, v_l = block(p, h, ck[i], cv[i])
+        ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, i, 0)
+        cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, i, 0)
+        return (h, ck, cv), None
+
+    (h, cache_k, cache_v), _ = jax.lax.scan(body, (h, cache_k, cache_v), (layer_params, jnp.arange(n_layers)))
+    return h, cache_k, cache_v
+
+
+def default_positions(tokens, lengths):
+    t = tokens.shape[1]
+    if lengths is None:
+        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], tokens.shape)
+    return lengths[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+
+def params_of(module, names) -> dict:
+    """The raw arrays of a stacked-layer module's Params, by name (skipping ones the config left out)."""
+    out = {}
+    for n in names:
+        p = getattr(module, n, None)
+        if p is not None:
+            out[n] = p.value
+    return out

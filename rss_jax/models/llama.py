@@ -1,0 +1,83 @@
+"""Llama family: Llama 2/3, Mistral, Qwen2 (q/k/v biases) and SmolLM2, chosen by config flags.
+
+RMSNorm, rotary positions, grouped-query attention (GQA; MQA and MHA are the cases KVH=1 and KVH=H), SwiGLU MLP,
+tied or untied output head. Per-layer weights are stacked on a leading layer axis and run by one lax.scan.
+Weights are stored [in, out]; Hugging Face's Linear [out, in] is transposed by the loader.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rss_jax.models.base import CausalLM, normal_init
+from rss_jax.models.layers import activation, apply_rope, attention, params_of, rms_norm, rope_inv_freq, scan_layers
+
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+class LlamaLayers(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs, dtype):
+        n, e, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+        qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.attn_norm = nnx.Param(jnp.ones((n, e), dtype))
+        self.wq = nnx.Param(normal_init(rngs, (n, e, qd), dtype))
+        self.wk = nnx.Param(normal_init(rngs, (n, e, kvd), dtype))
+        self.wv = nnx.Param(normal_init(rngs, (n, e, kvd), dtype))
+        if cfg.qkv_bias:
+            self.bq = nnx.Param(jnp.zeros((n, qd), dtype))
+            self.bk = nnx.Param(jnp.zeros((n, kvd), dtype))
+            self.bv = nnx.Param(jnp.zeros((n, kvd), dtype))
+        self.wo = nnx.Param(normal_init(rngs, (n, qd, e), dtype))
+        self.mlp_norm = nnx.Param(jnp.ones((n, e), dtype))
+        self.w_gate = nnx.Param(normal_init(rngs, (n, e, f), dtype))
+        self.w_up = nnx.Param(normal_init(rngs, (n, e, f), dtype))
+        self.w_down = nnx.Param(normal_init(rngs, (n, f, e), dtype))
+
+
+class Llama(CausalLM):
+    def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        self.embed_tokens = nnx.Param(normal_init(rngs, (config.vocab_size, config.hidden_size), dtype))
+        self.layers = LlamaLayers(config, rngs, dtype)
+        self.norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(normal_init(rngs, (config.vocab_size, config.hidden_size), dtype))
+
+    def embed(self, tokens, positions):
+        return jnp.take(self.embed_tokens.value, tokens, axis=0)
+
+    def layers_forward(self, h, positions, cache_k, cache_v, lengths):
+        cfg = self.config
+        inv_freq = rope_inv_freq(cfg)
+        act = activation(cfg.activation)
+        b, t, _ = h.shape
+        nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def block(p, h, ck, cv):
+            with jax.named_scope("attention"):
+                x = rms_norm(h, p["attn_norm"], cfg.norm_eps)
+                q = jnp.einsum("bte,ef->btf", x, p["wq"])
+                k = jnp.einsum("bte,ef->btf", x, p["wk"])
+                v = jnp.einsum("bte,ef->btf", x, p["wv"])
+                if "bq" in p:
+                    q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+                q = apply_rope(q.reshape(b, t, nh, hd), positions, inv_freq)
+                k = apply_rope(k.reshape(b, t, kvh, hd), positions, inv_freq)
+                v = v.reshape(b, t, kvh, hd)
+                o, ck, cv = attention(q, k, v, ck, cv, lengths)
+                h = h + jnp.einsum("btf,fe->bte", o, p["wo"])
+            with jax.named_scope("mlp"):
+                x = rms_norm(h, p["mlp_norm"], cfg.norm_eps)
+                gate = act(jnp.einsum("bte,ef->btf", x, p["w_gate"]))
+                up = jnp.einsum("bte,ef->btf", x, p["w_up"])
+                h = h + jnp.einsum("btf,fe->bte", gate * up, p["w_down"])
+            return h, ck, cv
+
+        return scan_layers(block, params_of(self.layers, LAYER_PARAMS), h, cache_k, cache_v)
+
+    def final(self, h):
+        return rms_norm(h, self.norm.value, self.config.norm_eps)
+
+    def head_weight(self):
+        return self.embed_tokens.value if self.config.tie_word_embeddings else self.lm_head.value
