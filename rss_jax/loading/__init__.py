@@ -84,3 +84,46 @@ def flatten_targets(config) -> dict:
 
 __all__ = ["load_weights", "resolve_builtin", "BUILTIN", "CheckpointError", "ConfigError", "flatten", "unflatten",
            "orbax_io", "load_tokenizer"]
+
+
+def load_reward_model(source: str, dtype: str = "float32", head: str = "auto"):
+    """A JAX reward model from a Hugging Face `...ForSequenceClassification` folder (safetensors): the backbone with
+    the causal-LM name map and `score.weight` [num_labels, h] as a bias-free scalar head. Returns
+    (graphdef, state, config, tokenizer); `rss_jax.rewards.ModelReward` wraps it."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from rss_jax.lm import DTYPES
+    from rss_jax.models import build_model
+    from rss_jax.models.heads import RewardModel, ScalarHead
+
+    config, hf = read_hf_config(source)
+    # the backbone of a classifier has no LM head; building it tied leaves no lm_head parameter to fill
+    config = dataclasses.replace(config, tie_word_embeddings=True)
+    files = safetensors_files(source)
+    filler = StateFiller(abstract_state_of(config), HF_MAPS[config.family], source, True)
+    score = None
+    for path in files:
+        for name, arr in iter_safetensors(path):
+            if name.endswith("score.weight"):
+                score = arr
+            else:
+                filler.add(name, arr, path)
+    if score is None:
+        raise CheckpointError(f"{source}: no `score.weight` tensor; this is not a sequence-classification checkpoint")
+    if score.shape[1] != config.embed_dim:
+        raise CheckpointError(f"{source}: score.weight has shape {score.shape}, expected [num_labels, "
+                              f"{config.embed_dim}]")
+    params = filler.finish()
+    jdtype = DTYPES[dtype]
+    model = nnx.eval_shape(lambda: RewardModel(build_model(config, 0, jdtype),
+                                               ScalarHead(config.embed_dim, rngs=nnx.Rngs(0),
+                                                          num_labels=score.shape[0], dtype=jdtype)))
+    graphdef, state = nnx.split(model)
+    flat = {"backbone." + k: jnp.asarray(v, jdtype) for k, v in params.items()}
+    flat["head.weight"] = jnp.asarray(np.ascontiguousarray(score.T), jdtype)
+    nnx.replace_by_pure_dict(state, unflatten(flat))
+    return graphdef, state, config, load_tokenizer(source)

@@ -1,0 +1,44 @@
+"""Decoding methods. `generate` is the entry point for ar, sd, sss and eft."""
+from __future__ import annotations
+
+from rss_jax import sampling
+from rss_jax.decoding import common
+from rss_jax.decoding.autoregressive import SamplerConfig, generate_ar
+from rss_jax.decoding.common import GenerateOutput
+
+METHODS = ("ar", "sd", "sss", "eft")
+MODES = ("exact", "paper", "authors_code")
+
+
+def generate(lm, prompts, method="ar", draft=None, sft=None, k=4, mode="exact", shift=1.0, max_new_tokens=128,
+             temperature=1.0, top_k=None, top_p=None, min_p=None, draft_top_k=None, draft_top_p=None, eos=None,
+             seed=0, chat=True) -> GenerateOutput:
+    """Generate continuations of `prompts` (strings, chat template applied when chat=True, or lists of token ids).
+
+    method: "ar" (plain decoding of lm), "sd" (speculative decoding with `draft`), "sss" (reward-shifted speculative
+    sampling: `draft` = aligned draft, `sft` = its SFT version, `mode` exact|paper|authors_code, `shift` = lambda),
+    "eft" (product-of-experts decoding of the same distribution as exact sss, no speculation).
+    Returns texts, tokens [B, max_new_tokens] (-1 after each row's length; a final EOS is included), lengths, stats.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    sampling.validate_sampling_args(temperature, top_k, top_p, min_p)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    prompt_ids = common.encode_prompts(lm, prompts, chat)
+    cfg = SamplerConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+                        top_p=None if top_p is None else float(top_p), min_p=None if min_p is None else float(min_p),
+                        eos=common.resolve_eos(lm, eos))
+    if method == "ar":
+        common.check_context(lm, prompt_ids, max_new_tokens)
+        tokens, stats = generate_ar(lm, prompt_ids, cfg, seed)
+        return common.finish_output(lm, tokens, prompt_ids, stats)
+    from rss_jax.decoding import speculative
+    return speculative.generate_speculative(lm, prompt_ids, cfg, method=method, draft=draft, sft=sft, k=k,
+                                            mode=mode, shift=shift, draft_top_k=draft_top_k,
+                                            draft_top_p=draft_top_p, seed=seed)
+
+
+__all__ = ["generate", "GenerateOutput", "SamplerConfig", "METHODS", "MODES"]
