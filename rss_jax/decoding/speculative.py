@@ -1,0 +1,233 @@
+"""The speculative engine: SD, SSS (exact, paper, authors_code) and EFT in one jitted lax.while_loop over blocks.
+
+Pending-token convention. Each row keeps a *pending* token: the last token of its sequence so far (at the start,
+the last prompt token), whose keys and values are not yet in any cache; every cache holds `lengths[b]` valid slots,
+the same number for the target, the draft and the SFT draft. One block:
+
+1. the draft runs K+1 cached steps on [pending, d_1 .. d_K], sampling d_{j+1} from the filtered proposal q_j at each
+   of the first K steps; the last step only writes d_K and gives pi_r's row K (needed by SSS);
+2. the target (and for SSS the SFT draft) scores the same K+1 tokens in one cached forward: K+1 rows;
+3. the verify rule of `rss_jax.sampling` (one target-distribution combiner for every method) gives a and the next
+   token; the row emits d_1..d_a and the next token, its lengths advance by a+1 and the emitted last token becomes
+   the new pending token. Rejected slots are not copied or cleared: they lie beyond `lengths` and are overwritten.
+   (authors_code emits no bonus after a full accept: the row then emits d_1..d_K, advances by K and d_K is pending.)
+
+EFT (product-of-experts decoding) is the same loop with K = 0: three forwards per token on the pending token and a
+sample from the exact SSS target, so EFT and exact SSS share every line that decides the distribution.
+Sampling keys are keyed by (row id, number of tokens the row has emitted), so a row's result does not depend on the
+batch it is in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rss_jax import sampling
+from rss_jax.cache import init_cache
+from rss_jax.decoding import common
+
+NEG = -1e9  # logit for vocabulary rows a model does not have (finite, so l_r - l_sft stays defined)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+    method: str  # "sd" | "sss" | "eft"
+    k: int
+    mode: str
+    shift: float
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    draft_top_k: int | None
+    draft_top_p: float | None
+    eos: tuple
+    vocab: int
+
+    @property
+    def three_models(self) -> bool:
+        return self.method in ("sss", "eft")
+
+
+def fit_vocab(logits, vocab: int):
+    """Trim or pad (with NEG) the last axis to the shared tokenizer's size."""
+    v = logits.shape[-1]
+    if v == vocab:
+        return logits
+    if v > vocab:
+        return logits[..., :vocab]
+    pad = [(0, 0)] * (logits.ndim - 1) + [(0, vocab - v)]
+    return jnp.pad(logits, pad, constant_values=NEG)
+
+
+def _dtype(model):
+    return jax.tree.leaves(nnx.state(model))[0].dtype
+
+
+def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens, prompt_lens, row_ids, base_key):
+    """-> (tokens [B, max_new] int32 padded with -1, per-row statistics dict, blocks run)."""
+    target, draft = nnx.merge(gd_t, st_t), nnx.merge(gd_d, st_d)
+    sft = nnx.merge(gd_s, st_s) if cfg.three_models else None
+    b, p = prompt_tokens.shape
+    k, n, v = cfg.k, cfg.max_new_tokens, cfg.vocab
+    capacity = p + n + k + 1
+    zeros = jnp.zeros((b,), jnp.int32)
+
+    def new_cache(model):
+        cache = init_cache(model.config, b, capacity, _dtype(model))
+        return model(prompt_tokens, cache=cache, lengths=zeros)[1]
+
+    caches = (new_cache(target), new_cache(draft), new_cache(sft) if sft is not None else None)
+    lengths = prompt_lens - 1
+    pending = jnp.take_along_axis(prompt_tokens, lengths[:, None], axis=1)[:, 0]
+    rows = jnp.arange(b)
+    use_eos = cfg.mode != "authors_code"  # the released code always generates max_new_tokens
+    stats0 = dict(blocks=zeros, accepted=zeros, bonus=zeros, empty=zeros, hist=jnp.zeros((b, k + 1), jnp.int32),
+                  c_sum=jnp.zeros((b,), jnp.float32), c_count=zeros)
+
+    def block(carry):
+        it, pending, (c_t, c_d, c_s), lengths, n_emit, out, done, st = carry
+        keys = jax.vmap(lambda r, e: common.row_key(base_key, r, e))(row_ids, n_emit)
+
+        # 1. draft K tokens (plus one step that writes d_K and gives pi_r's row K)
+        def draft_step(dc, j):
+            c_d, x = dc
+            logits, c_d = draft(x[:, None], cache=c_d, lengths=lengths + j)
+            l = fit_vocab(logits[:, 0], v)
+            step_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 2 + j))(keys)
+            d = jax.vmap(lambda kk, ll: sampling.sample_token(kk, ll, cfg.temperature, cfg.draft_top_k,
+                                                              cfg.draft_top_p))(step_keys, l)
+            return (c_d, d), (l, d)
+
+        (c_d, _), (l_d, d_all) = jax.lax.scan(draft_step, (c_d, pending), jnp.arange(k + 1))
+        l_d = jnp.swapaxes(l_d, 0, 1)  # [B, K+1, V]
+        drafts = jnp.swapaxes(d_all, 0, 1)[:, :k]  # [B, K]
+        q = sampling.probs_from_logits(l_d[:, :k], cfg.temperature, cfg.draft_top_k, cfg.draft_top_p)
+        fed = jnp.concatenate([pending[:, None], drafts], axis=1)  # [B, K+1]
+
+        # 2. verify in one cached forward per verifier
+        logits_t, c_t = target(fed, cache=c_t, lengths=lengths)
+        l_t = fit_vocab(logits_t, v)
+        if cfg.three_models:
+            logits_s, c_s = sft(fed, cache=c_s, lengths=lengths)
+            l_s = fit_vocab(logits_s, v)
+            mode = "exact" if cfg.method == "eft" else cfg.mode
+            res = sampling.sss_verify_with_flags(keys, drafts, q, l_t, l_d, l_s, mode, cfg.temperature, cfg.shift,
+                                                 cfg.top_k, cfg.top_p, cfg.min_p)
+        else:
+            p_probs = sampling.probs_from_logits(l_t, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
+            res = sampling.verify_with_target(keys, drafts, q, p_probs)
+        a, nxt = res.n_accepted, res.next_token
+
+        # 3. emit d_1..d_a and the next token (no bonus in authors_code after a full accept)
+        no_bonus = nxt < 0
+        count = jnp.where(no_bonus, a, a + 1)
+        j = jnp.arange(k + 1)[None, :]
+        emitted = jnp.where(j < a[:, None], jnp.concatenate([drafts, nxt[:, None]], axis=1), nxt[:, None])
+        valid = j < count[:, None]
+        if use_eos:
+            hit = common.is_eos(emitted, cfg.eos) & valid
+            first = jnp.where(hit.any(axis=1), jnp.argmax(hit, axis=1) + 1, count)
+            count = jnp.minimum(count, first)
+            eos_done = hit.any(axis=1)
+        else:
+            eos_done = jnp.zeros_like(done)
+        valid = (j < count[:, None]) & ~done[:, None]
+        pos = jnp.where(valid, n_emit[:, None] + j, n)  # index n is out of range: dropped
+        out = out.at[rows[:, None], pos].set(emitted, mode="drop")
+        active = ~done
+        new_pending = jnp.take_along_axis(emitted, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+        advance = jnp.where(no_bonus, k, a + 1)
+        lengths = jnp.where(active, lengths + advance, lengths)
+        pending = jnp.where(active, new_pending, pending)
+        n_emit = jnp.where(active, n_emit + count, n_emit)
+        done = done | eos_done | (n_emit >= n)
+
+        act = active.astype(jnp.int32)
+        st = dict(st)
+        st["blocks"] = st["blocks"] + act
+        st["accepted"] = st["accepted"] + a * act
+        st["bonus"] = st["bonus"] + ((a == k) & ~no_bonus).astype(jnp.int32) * act
+        st["empty"] = st["empty"] + res.empty_residual.astype(jnp.int32) * act
+        st["hist"] = st["hist"] + jax.nn.one_hot(a, k + 1, dtype=jnp.int32) * act[:, None]
+        if cfg.method == "sss":
+            c = sampling.mean_c(l_t, l_d, l_s, cfg.temperature, cfg.shift)  # [B, K+1]
+            used = (jnp.arange(k + 1)[None, :] <= a[:, None]) & active[:, None]
+            st["c_sum"] = st["c_sum"] + jnp.sum(jnp.where(used, c, 0.0), axis=1)
+            st["c_count"] = st["c_count"] + jnp.sum(used, axis=1)
+        return it + 1, pending, (c_t, c_d, c_s), lengths, n_emit, out, done, st
+
+    def cond(carry):
+        it, done = carry[0], carry[6]
+        return (it < n + 1) & ~jnp.all(done)
+
+    out0 = jnp.full((b, n), -1, jnp.int32)
+    carry = (jnp.int32(0), pending, caches, lengths, zeros, out0, jnp.zeros((b,), bool), stats0)
+    it, _, _, _, _, out, _, st = jax.lax.while_loop(cond, block, carry)
+    return out, st, it
+
+
+def _check_pair(lm, other, role: str) -> int:
+    """The shared vocabulary size; a real mismatch between two models' tokenizers is an error naming both."""
+    if other is None:
+        raise ValueError(f"this method needs a {role} model (pass {role}=...)")
+    if lm.tokenizer is not None and other.tokenizer is not None:
+        if len(lm.tokenizer) != len(other.tokenizer) or lm.tokenizer.get_vocab() != other.tokenizer.get_vocab():
+            raise ValueError(f"vocabulary mismatch: target {lm.source!r} ({len(lm.tokenizer)} tokens) and {role} "
+                             f"{other.source!r} ({len(other.tokenizer)} tokens) do not share a tokenizer")
+        return len(lm.tokenizer)
+    if lm.config.vocab_size != other.config.vocab_size:
+        raise ValueError(f"vocabulary mismatch: target {lm.source!r} has {lm.config.vocab_size} embedding rows and "
+                         f"{role} {other.source!r} has {other.config.vocab_size}; without tokenizers to compare, "
+                         "the models must have the same vocabulary size")
+    return lm.vocab_size
+
+
+def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p,
+                         seed):
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k (draft tokens per block) must be an integer >= 1, got {k!r}")
+    if draft_top_k is not None or draft_top_p is not None:
+        sampling.validate_sampling_args(1.0, draft_top_k, draft_top_p, None)
+    vocab = _check_pair(lm, draft, "draft")
+    if method in ("sss", "eft"):
+        _check_pair(lm, sft, "sft")
+    if method == "eft":
+        k = 0
+    cfg = SpecConfig(method=method, k=int(k), mode=mode if method == "sss" else "exact", shift=float(shift),
+                     max_new_tokens=base_cfg.max_new_tokens, temperature=base_cfg.temperature, top_k=base_cfg.top_k,
+                     top_p=base_cfg.top_p, min_p=base_cfg.min_p, draft_top_k=draft_top_k, draft_top_p=draft_top_p,
+                     eos=base_cfg.eos, vocab=vocab)
+    for m in (lm, draft, sft if cfg.three_models else None):
+        if m is not None:
+            common.check_context(m, prompt_ids, cfg.max_new_tokens, extra=cfg.k + 1)
+    tokens, lens = common.pad_prompts(prompt_ids, common.bucket(max(len(p) for p in prompt_ids)))
+    row_ids = jnp.arange(len(prompt_ids), dtype=jnp.int32)
+    s = sft if cfg.three_models else draft  # placeholder argument when there is no SFT model (unused)
+    t0 = time.perf_counter()
+    (out, st, it), compile_s, run_s = common.COMPILED.call(
+        spec_loop, (lm.graphdef, draft.graphdef, s.graphdef if cfg.three_models else None, cfg),
+        lm.state, draft.state, s.state if cfg.three_models else None, tokens, lens, row_ids, jax.random.key(seed))
+    st = {key: np.asarray(val) for key, val in st.items()}
+    blocks, acc = int(st["blocks"].sum()), int(st["accepted"].sum())
+    rejections = int((st["hist"][:, :cfg.k].sum()))
+    stats = {"method": method, "mode": cfg.mode if method == "sss" else None, "k": cfg.k,
+             "compile_s": compile_s, "wall_s": run_s, "total_s": time.perf_counter() - t0,
+             "blocks": int(it), "target_calls": int(it), "draft_calls": int(it) * (cfg.k + 1),
+             "row_blocks": st["blocks"].tolist(), "accepted": acc,
+             "acceptance_rate": acc / (cfg.k * blocks) if cfg.k and blocks else float("nan"),
+             "alpha_hat": acc / (acc + rejections) if (acc + rejections) else float("nan"),
+             "accepted_histogram": st["hist"].sum(axis=0).tolist(), "bonus_tokens": int(st["bonus"].sum()),
+             "empty_residuals": int(st["empty"].sum())}
+    if method == "sss":
+        cnt = st["c_count"].sum()
+        stats["mean_c"] = float(st["c_sum"].sum() / cnt) if cnt else float("nan")
+    output = common.finish_output(lm, out, prompt_ids, stats)
+    stats["tokens_per_target_call"] = stats["new_tokens"] / blocks if blocks else float("nan")
+    return output
