@@ -1,0 +1,188 @@
+"""The speculative engine: exact laws at engine level, greedy equivalence, cached rows, stats, errors.
+
+Tolerances: with N rows, a cell of probability p has standard error sqrt(p (1 - p) / N); every cell must be within
+5 standard errors (+1e-3 for cells whose probability is ~0), which a correct sampler fails with probability < 1e-4
+over the whole test file.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import rss_jax as rj
+from rss_jax.lm import from_params
+from rss_jax.models import ModelConfig, build_model
+from rss_jax.loading.names import flatten
+from flax import nnx
+
+V = 8
+N = 30000
+PROMPT = [1, 5, 2]
+
+
+def _model(layers, seed, scale):
+    cfg = ModelConfig(family="llama", vocab_size=V, hidden_size=16, intermediate_size=32, num_layers=layers,
+                      num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64, eos_token_ids=(0,))
+    flat = flatten(nnx.to_pure_dict(nnx.state(build_model(cfg, seed))))
+    rng = np.random.default_rng(seed)
+    flat = {k: np.asarray(v) * (1 if "norm" in k else scale) + (0 if "norm" in k else 0.3 * rng.normal(size=v.shape))
+            for k, v in flat.items()}
+    return from_params(cfg, flat, source=f"tiny-{layers}-{seed}")
+
+
+@pytest.fixture(scope="module")
+def trio():
+    """target (3 layers), aligned draft and SFT draft (1 layer each, different weights)."""
+    return _model(3, 0, 10.0), _model(1, 1, 10.0), _model(1, 2, 10.0)
+
+
+def _softmax(x, t=1.0):
+    z = x / t
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def _next_logits(lm, prefix):
+    """Uncached logits after `prefix` and after prefix + [x] for every x: ([V], [V, V])."""
+    seqs = np.array([prefix + [x] for x in range(V)])
+    full = np.asarray(lm.logits(seqs), dtype=np.float64)
+    return full[0, -2], full[:, -1]
+
+
+def _laws(trio, rule):
+    """Exact law of the first two tokens: first [V], second [V, V] (row = first token)."""
+    parts = [_next_logits(m, PROMPT) for m in trio]
+    first = rule(*(p[0] for p in parts))
+    second = np.stack([rule(*(p[1][x] for p in parts)) for x in range(V)])
+    return first, second
+
+
+def _exact_sss(lt, ld, ls, t=1.0):
+    return _softmax(lt + ld - ls, t)
+
+
+def _paper(lt, ld, ls):
+    ref, r, sft = _softmax(lt), _softmax(ld), _softmax(ls)
+    accept = np.minimum(1.0, ref / sft)
+    beta = np.sum(r * accept)
+    resid = np.maximum(r * (ref / sft - 1.0), 0.0)
+    fallback = _exact_sss(lt, ld, ls)
+    resid = resid / resid.sum() if resid.sum() > 0 else fallback
+    return r * accept + (1 - beta) * resid
+
+
+def _check_two_token_law(out, first, second):
+    toks = out.tokens
+    assert (out.lengths == 2).all()
+    joint = first[:, None] * second
+    counts = np.zeros((V, V))
+    np.add.at(counts, (toks[:, 0], toks[:, 1]), 1)
+    freq = counts / len(toks)
+    tol = 5 * np.sqrt(joint * (1 - joint) / len(toks)) + 1e-3
+    assert np.all(np.abs(freq - joint) <= tol), np.abs(freq - joint).max()
+
+
+@pytest.mark.parametrize("method,mode", [("sd", "exact"), ("sss", "exact"), ("sss", "paper"), ("eft", "exact")])
+def test_engine_two_token_law(trio, method, mode):
+    target, draft, sft = trio
+    if method == "sd":
+        first, second = _laws(trio, lambda lt, ld, ls: _softmax(lt))
+    elif mode == "paper":
+        first, second = _laws(trio, _paper)  # the paper rule's own law (equals p~ only when C = 1)
+    else:
+        first, second = _laws(trio, _exact_sss)
+    out = rj.generate(target, [PROMPT] * N, method=method, draft=draft, sft=sft, k=3, mode=mode,
+                      max_new_tokens=2, temperature=1.0, eos=[], seed=11)
+    _check_two_token_law(out, first, second)
+    if method != "eft":
+        assert 0.0 < out.stats["acceptance_rate"] < 1.0
+
+
+def test_paper_rule_differs_from_exact_here(trio):
+    """Guard that the paper test above can tell the two laws apart on these models (C != 1)."""
+    a, _ = _laws(trio, _paper)
+    b, _ = _laws(trio, _exact_sss)
+    assert np.abs(a - b).max() > 0.02
+
+
+def test_draft_equal_to_target_accepts_everything(trio):
+    """With q = p exactly, every draft is accepted: this fails if verification rows are off by one position."""
+    target = trio[0]
+    out = rj.generate(target, [PROMPT, [3, 4], [7, 6, 5, 4, 3]], method="sd", draft=target, k=4,
+                      max_new_tokens=20, temperature=1.0, eos=[], seed=2)
+    s = out.stats
+    assert s["acceptance_rate"] == 1.0 and s["alpha_hat"] == 1.0
+    assert s["accepted_histogram"][:4] == [0, 0, 0, 0]
+    assert s["bonus_tokens"] == s["accepted_histogram"][4]
+
+
+def _greedy_reference(trio, prompt, n, combine):
+    seq = list(prompt)
+    for _ in range(n):
+        logits = [np.asarray(m.logits([seq]), np.float64)[0, -1] for m in trio]
+        seq.append(int(np.argmax(combine(*logits))))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("method", ["sd", "sss"])
+def test_temperature_zero_is_greedy_of_target(trio, method):
+    target, draft, sft = trio
+    combine = (lambda lt, ld, ls: lt) if method == "sd" else (lambda lt, ld, ls: lt + ld - ls)
+    prompts = [PROMPT, [4, 4, 6, 2, 7, 1], [3]]
+    out = rj.generate(target, prompts, method=method, draft=draft, sft=sft, k=3, max_new_tokens=9,
+                      temperature=0.0, eos=[])
+    for row, prompt in enumerate(prompts):
+        assert out.tokens[row].tolist() == _greedy_reference(trio, prompt, 9, combine)
+
+
+def test_stats_are_consistent(trio):
+    target, draft, sft = trio
+    k = 3
+    out = rj.generate(target, [PROMPT] * 16, method="sss", draft=draft, sft=sft, k=k, max_new_tokens=24,
+                      temperature=1.0, eos=[], seed=4)
+    s = out.stats
+    hist = np.array(s["accepted_histogram"])
+    assert hist.sum() == sum(s["row_blocks"])
+    assert s["accepted"] == int((hist * np.arange(k + 1)).sum())
+    assert s["bonus_tokens"] == hist[k]
+    assert s["acceptance_rate"] == pytest.approx(s["accepted"] / (k * hist.sum()))
+    assert s["alpha_hat"] == pytest.approx(s["accepted"] / (s["accepted"] + hist[:k].sum()))
+    assert np.isfinite(s["mean_c"]) and s["mean_c"] > 0
+    assert s["draft_calls"] == s["blocks"] * (k + 1)
+    # every block emits a + 1 tokens; the last block of a row may overshoot the budget and is trimmed
+    assert (out.lengths == 24).all()
+    assert s["new_tokens"] <= sum(s["row_blocks"]) + s["accepted"]
+
+
+def test_eos_and_authors_code_budget(trio):
+    target, draft, sft = trio
+    out = rj.generate(target, [PROMPT] * 64, method="sd", draft=draft, k=3, max_new_tokens=12, eos=[0, 7], seed=5)
+    for row, n in zip(out.tokens, out.lengths):
+        body = row[:n].tolist()
+        assert all(t not in (0, 7) for t in body[:-1])
+        assert n == 12 or body[-1] in (0, 7)
+        assert (row[n:] == -1).all()
+    assert (out.lengths < 12).any()
+    ac = rj.generate(target, [PROMPT] * 8, method="sss", mode="authors_code", draft=draft, sft=sft, k=3,
+                     max_new_tokens=12, eos=[0, 7], seed=5)
+    assert (ac.lengths == 12).all()  # the released code never stops at EOS
+    assert ac.stats["bonus_tokens"] == 0
+
+
+def test_vocabulary_mismatch_and_bad_args(trio):
+    target, draft, sft = trio
+    other = dataclasses.replace(draft.config, vocab_size=V + 3)
+    big = from_params(other, {k: np.resize(np.asarray(v), (V + 3,) + v.shape[1:]) if k == "embed_tokens" or
+                              k == "lm_head" else np.asarray(v) for k, v in draft.params().items()}, source="big")
+    with pytest.raises(ValueError, match="vocabulary mismatch: target 'tiny-3-0'.*draft 'big'"):
+        rj.generate(target, [PROMPT], method="sd", draft=big)
+    with pytest.raises(ValueError, match="needs a draft model"):
+        rj.generate(target, [PROMPT], method="sd")
+    with pytest.raises(ValueError, match="needs a sft model"):
+        rj.generate(target, [PROMPT], method="sss", draft=draft)
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        rj.generate(target, [PROMPT], method="sss", draft=draft, sft=sft, mode="fast")
+    with pytest.raises(ValueError, match="k .* must be an integer >= 1"):
+        rj.generate(target, [PROMPT], method="sd", draft=draft, k=0)
