@@ -88,3 +88,18 @@ def torch_logits(model, tokens):
     import torch
     with torch.no_grad():
         return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    import rss_jax as rj
+    return rj.load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm_torch(smollm_path):
+    """transformers' own GGUF loader (dequantises the same file): the real-weights oracle."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm_path), gguf_file=os.path.basename(smollm_path),
+                                                dtype=torch.float32).eval()
