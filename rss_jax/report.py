@@ -1,0 +1,54 @@
+"""Plain-text tables for the command line and the benchmark scripts, and atomic JSON output."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.{max(digits - len(str(int(abs(v)))), 1)}f}"
+    return str(v)
+
+
+def table(rows: list[dict], columns: list[str] | None = None, title: str | None = None) -> str:
+    """A Markdown-compatible table (so the same text goes in the README)."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells]
+    if title:
+        out.insert(0, title)
+    return "\n".join(out)
+
+
+def write_json(path: str, data) -> str:
+    """Write JSON atomically (temporary file, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def machine() -> str:
+    import platform
+
+    import jax
+    return f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}, jax {jax.__version__}"

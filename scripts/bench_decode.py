@@ -1,0 +1,105 @@
+"""Autoregressive decoding speed on the real SmolLM2-135M-Instruct: rss_jax against transformers' `generate`.
+
+    .venv/bin/python scripts/bench_decode.py                 # batch 1 and 8, float32 and bfloat16, 128 new tokens
+    .venv/bin/python scripts/bench_decode.py --batch 1 --dtype float32 --repeats 5
+
+Both run in the same process on the same machine, one after the other, greedy, with no EOS stop. Compile time is
+reported apart (the first call); tokens/s is the best of --repeats timed calls. The roofline is the memory-bandwidth
+bound of a decode step: (weight bytes + KV-cache bytes read per step) / measured copy bandwidth.
+Writes results/bench_decode.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def copy_bandwidth(n_bytes=512 << 20, repeats=5) -> float:
+    """Bytes per second of a large memcpy (read + write counted)."""
+    a = np.ones(n_bytes // 4, np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n_bytes / best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--out", default="results/bench_decode.json")
+    args = ap.parse_args()
+
+    import torch
+    import rss_jax as rj
+    from rss_jax.decoding.common import encode_prompts
+    from rss_jax.report import machine, table, write_json
+
+    torch.set_num_threads(os.cpu_count())
+    bw = copy_bandwidth()
+    print(f"machine: {machine()}; copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    hf_models = {}
+    for dtype in args.dtype:
+        lm = rj.load("smollm2-135m-instruct", dtype=dtype)
+        ids = encode_prompts(lm, [PROMPT])[0]
+        cfg = lm.config
+        weight_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in lm.params().values())
+        for b in args.batch:
+            prompts = [ids] * b
+            out = rj.generate(lm, prompts, max_new_tokens=args.new_tokens, temperature=0.0, eos=[])
+            compile_s = out.stats["compile_s"]
+            ours = max(rj.generate(lm, prompts, max_new_tokens=args.new_tokens, temperature=0.0, eos=[])
+                       .stats["tokens_per_s"] for _ in range(args.repeats))
+            # KV bytes read per step: our loop attends over the whole static cache (bucket + new tokens)
+            from rss_jax.decoding.common import bucket
+            ctx = bucket(len(ids)) + args.new_tokens
+            kv_bytes = 2 * cfg.num_layers * b * ctx * cfg.num_kv_heads * cfg.head_dim * np.dtype(
+                "float32" if dtype == "float32" else "float16").itemsize
+            roofline = bw / (weight_bytes + kv_bytes) * b
+            row = {"dtype": dtype, "batch": b, "rss_jax tok/s": ours, "compile s": compile_s,
+                   "roofline tok/s": roofline, "of roofline": ours / roofline}
+            if not args.no_hf:
+                if dtype not in hf_models:
+                    from transformers import AutoModelForCausalLM
+                    from rss_jax.loading import resolve_builtin
+                    path = resolve_builtin("smollm2-135m-instruct")
+                    hf_models[dtype] = AutoModelForCausalLM.from_pretrained(
+                        os.path.dirname(path), gguf_file=os.path.basename(path),
+                        dtype=torch.float32 if dtype == "float32" else torch.bfloat16).eval()
+                m = hf_models[dtype]
+                x = torch.tensor(prompts)
+                best = float("inf")
+                with torch.no_grad():
+                    m.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+                    for _ in range(args.repeats):
+                        t = time.perf_counter()
+                        m.generate(x, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                   do_sample=False, pad_token_id=0)
+                        best = min(best, time.perf_counter() - t)
+                hf = b * args.new_tokens / best
+                row.update({"transformers tok/s": hf, "speed-up": ours / hf})
+            rows.append(row)
+            print(table([row]), flush=True)
+    print()
+    print(table(rows, title=f"greedy decoding, {args.new_tokens} new tokens, {machine()}"))
+    write_json(args.out, {"machine": machine(), "copy_bandwidth_GBps": bw / 1e9, "new_tokens": args.new_tokens,
+                          "rows": rows, "command": " ".join(sys.argv)})
+
+
+if __name__ == "__main__":
+    main()
