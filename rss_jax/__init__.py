@@ -4,3 +4,7 @@ from rss_jax.lm import LM, load, from_params  # noqa: F401
 
 __version__ = "0.1.0"
 from rss_jax.decoding import generate  # noqa: F401,E402
+from rss_jax.decoding.best_of_n import best_of_n  # noqa: F401,E402
+from rss_jax.decoding.speculative_rejection import speculative_rejection  # noqa: F401,E402
+from rss_jax.decoding.gsi import gsi  # noqa: F401,E402
+from rss_jax.decoding.rsd import rsd  # noqa: F401,E402

@@ -5,6 +5,9 @@
 * `TextReward(fn, tokenizer)` wraps a text function `fn(prompt_text, response_text) -> float` (e.g. VADER).
 * `ModelReward` is a JAX scalar-head reward model (loaded from a Hugging Face sequence-classification folder),
   scored at the last real token of prompt + response.
+* `ProcessReward` is a process reward model: a two-class head (softmax(.)[1]) or a scalar value head (sigmoid) read
+  at the separator token that follows every step; `score` gives the last step's score, `step_scores` every step's.
+  GSI and RSD call `score_steps(prompt_ids, steps)` when a reward has it, so the PRM sees the real step boundaries.
 """
 from __future__ import annotations
 
@@ -81,6 +84,94 @@ class ModelReward(Reward):
         for i, s in enumerate(seqs):
             tokens[i, : len(s)] = s
         return np.asarray(_rm_scores(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(lengths)))
+
+
+def _pad_batch(seqs, pad_id):
+    lengths = np.array([len(x) for x in seqs], np.int32)
+    width = 1 << max(int(lengths.max()) - 1, 0).bit_length()
+    tokens = np.full((len(seqs), width), pad_id, np.int32)
+    for i, x in enumerate(seqs):
+        tokens[i, : len(x)] = x
+    return tokens, lengths
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _prm_token_scores(graphdef, head, state, tokens):
+    from flax import nnx
+    out = nnx.merge(graphdef, state).token_scores(tokens)  # [B, T, n] float32
+    if head == "two_class":
+        return jax.nn.softmax(out, axis=-1)[..., 1]
+    return jax.nn.sigmoid(out[..., 0])
+
+
+class ProcessReward(Reward):
+    """A process reward model: per-step scores read at separator positions (SPEC.md section 7).
+
+    The scored sequence is, in token ids,
+        prefix_ids + prompt_ids + prompt_suffix_ids + step_1 + [sep_id] + step_2 + [sep_id] + ...
+    (Qwen2.5-Math-PRM: the chat-templated problem as prompt and `<extra_0>` as sep_id; Skywork-o1-Open-PRM: BOS as
+    prefix, the "\n" ids as prompt suffix and the id of "\n\n" as sep_id). The step score is softmax(head)[1] at
+    each separator for a two-class head, sigmoid(value) for a scalar value head (`head`: "two_class" | "sigmoid").
+    `score(prompt_ids, response_ids)` splits a response into steps after every token in `step_end_ids` (or treats
+    it as one step) and returns the last step's score, which is what GSI and RSD use.
+    """
+
+    def __init__(self, graphdef, state, config, sep_id: int, head: str = "two_class", tokenizer=None,
+                 prefix_ids=(), prompt_suffix_ids=(), step_end_ids=(), pad_id: int = 0):
+        if head not in ("two_class", "sigmoid"):
+            raise ValueError(f"head must be 'two_class' or 'sigmoid', got {head!r}")
+        self.graphdef, self.state, self.config, self.tokenizer = graphdef, state, config, tokenizer
+        self.sep_id, self.head, self.pad_id = int(sep_id), head, pad_id
+        self.prefix_ids, self.prompt_suffix_ids = list(prefix_ids), list(prompt_suffix_ids)
+        self.step_end_ids = set(int(t) for t in step_end_ids)
+
+    @classmethod
+    def load(cls, source: str, sep_id: int, head: str = "auto", dtype: str = "float32", **kw):
+        """From a folder with a `score.0/2.*` two-class head or a `v_head.*` value head (see load_reward_model)."""
+        from rss_jax.loading import load_reward_model
+        graphdef, state, config, tokenizer = load_reward_model(source, dtype, head="auto" if head in (
+            "auto", "two_class", "sigmoid") else head)
+        from flax import nnx
+        from rss_jax.models.heads import TwoClassHead
+        kind = "two_class" if isinstance(nnx.merge(graphdef, state).head, TwoClassHead) else "sigmoid"
+        if head in ("two_class", "sigmoid") and head != kind:
+            raise ValueError(f"{source}: asked for a {head} head but the checkpoint holds a {kind} head")
+        return cls(graphdef, state, config, sep_id, kind, tokenizer, **kw)
+
+    def layout(self, prompt, steps):
+        """-> (token ids, separator positions) of one (prompt, [step, ...])."""
+        ids = self.prefix_ids + list(prompt) + self.prompt_suffix_ids
+        seps = []
+        for step in steps:
+            ids += list(step)
+            seps.append(len(ids))
+            ids.append(self.sep_id)
+        return ids, seps
+
+    def step_scores(self, prompt_ids, steps) -> list:
+        """prompt_ids [N] lists, steps [N] lists of steps (lists of ids) -> [N] arrays of per-step scores."""
+        laid = [self.layout(p, s) for p, s in zip(prompt_ids, steps)]
+        tokens, _ = _pad_batch([ids for ids, _ in laid], self.pad_id)
+        out = np.asarray(_prm_token_scores(self.graphdef, self.head, self.state, jnp.asarray(tokens)))
+        return [out[i, seps].astype(np.float32) for i, (_, seps) in enumerate(laid)]
+
+    def split_steps(self, response):
+        steps, cur = [], []
+        for t in response:
+            cur.append(int(t))
+            if int(t) in self.step_end_ids:
+                steps.append(cur)
+                cur = []
+        if cur or not steps:
+            steps.append(cur)
+        return steps
+
+    def score_steps(self, prompt_ids, steps) -> np.ndarray:
+        """The last step's score of each row, [N] float32."""
+        return np.array([s[-1] for s in self.step_scores(prompt_ids, steps)], np.float32)
+
+    def score(self, prompt_ids, response_ids):
+        return self.score_steps(prompt_ids, [self.split_steps(r) for r in response_ids])
 
 
 def as_reward(reward, tokenizer=None) -> Reward:

@@ -47,3 +47,17 @@ def test_bfloat16_real_model_error(smollm):
     agree = (b16.argmax(-1) == f32.argmax(-1)).mean()
     print(f"SmolLM2 bf16 vs f32: max abs logit error {np.abs(b16 - f32).max():.3f}, argmax agreement {agree:.3f}")
     assert agree > 0.8
+
+
+def test_gguf_conversion_cache_equals_direct_conversion(smollm, tmp_path, monkeypatch):
+    """The cached Orbax copy of the dequantised GGUF gives the same weights and tokenizer as converting again."""
+    monkeypatch.setenv("RSS_JAX_CACHE", str(tmp_path))
+    first = rj.load("smollm2-135m-instruct")  # converts and writes the cache
+    assert any(p.startswith("SmolLM2") for p in (tmp_path / "gguf").iterdir())
+    second = rj.load("smollm2-135m-instruct")  # reads the cache
+    a, b, ref = first.params(), second.params(), smollm.params()
+    for k in ref:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(ref[k]))
+    assert second.tokenizer.get_vocab() == first.tokenizer.get_vocab()
+    assert second.tokenizer.chat_template == first.tokenizer.chat_template

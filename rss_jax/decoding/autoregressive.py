@@ -48,19 +48,35 @@ def prefill(model, prompt_tokens, prompt_lens, capacity: int):
     return last, cache
 
 
-def ar_loop(graphdef, cfg: SamplerConfig, state, prompt_tokens, prompt_lens, row_ids, base_key):
-    """-> (tokens [B, max_new_tokens] int32 padded with -1, steps run)."""
-    model = nnx.merge(graphdef, state)
+def start_decode(model, cfg: SamplerConfig, prompt_tokens, prompt_lens, row_ids, base_key, fanout: int = 1):
+    """Prefill the prompts, fan every prompt out to `fanout` consecutive rows (one prefill shared by all of them) and
+    sample generated position 0. row_ids [B * fanout] are the global row ids of the fanned-out rows.
+
+    Returns the decode state (tok [B'], cache, lengths [B'], out [B', max_new_tokens], done [B']) with B' = B * fanout:
+    `tok` is the last sampled token, not yet written to the cache (it is fed by the next decode step), `lengths` the
+    cache slots in use per row."""
     b, p = prompt_tokens.shape
     n = cfg.max_new_tokens
     last, cache = prefill(model, prompt_tokens, prompt_lens, p + n)
+    lengths = prompt_lens
+    if fanout > 1:
+        last = jnp.repeat(last, fanout, axis=0)
+        cache = cache.repeat_rows(fanout)
+        lengths = jnp.repeat(prompt_lens, fanout)
     tok = cfg.sample(row_keys(base_key, row_ids, 0), last)
-    out = jnp.full((b, n), -1, jnp.int32).at[:, 0].set(tok)
+    out = jnp.full((b * fanout, n), -1, jnp.int32).at[:, 0].set(tok)
     done = common.is_eos(tok, cfg.eos) | (n == 1)
+    return tok, cache, lengths, out, done
+
+
+def decode_steps(model, cfg: SamplerConfig, decode_state, start, stop, row_ids, base_key):
+    """Resume decoding: sample generated positions start .. stop-1 (start, stop may be traced; stop <=
+    max_new_tokens), or fewer if every row is done. decode_state as returned by `start_decode` (or a previous call,
+    possibly with rows gathered in between: every field is per row). Returns (decode_state, next position)."""
 
     def cond(carry):
         i, _, _, _, _, done = carry
-        return (i < n) & ~jnp.all(done)
+        return (i < stop) & ~jnp.all(done)
 
     def body(carry):
         i, tok, cache, lengths, out, done = carry
@@ -68,11 +84,21 @@ def ar_loop(graphdef, cfg: SamplerConfig, state, prompt_tokens, prompt_lens, row
         new = cfg.sample(row_keys(base_key, row_ids, i), logits[:, 0])
         new = jnp.where(done, -1, new)
         out = jax.lax.dynamic_update_index_in_dim(out, new, i, axis=1)
-        done = done | common.is_eos(new, cfg.eos)
-        return i + 1, new, cache, lengths + 1, out, done
+        done = done | common.is_eos(new, cfg.eos) | (i + 1 >= cfg.max_new_tokens)
+        # a done row keeps its last real token pending, so a later gather never feeds -1 to the model
+        return i + 1, jnp.where(done & (new < 0), tok, new), cache, lengths + 1, out, done
 
-    i, _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, prompt_lens, out, done))
-    return out, i
+    i, tok, cache, lengths, out, done = jax.lax.while_loop(
+        cond, body, (jnp.asarray(start, jnp.int32), *decode_state))
+    return (tok, cache, lengths, out, done), i
+
+
+def ar_loop(graphdef, cfg: SamplerConfig, state, prompt_tokens, prompt_lens, row_ids, base_key):
+    """-> (tokens [B, max_new_tokens] int32 padded with -1, steps run)."""
+    model = nnx.merge(graphdef, state)
+    decode_state = start_decode(model, cfg, prompt_tokens, prompt_lens, row_ids, base_key)
+    decode_state, i = decode_steps(model, cfg, decode_state, 1, cfg.max_new_tokens, row_ids, base_key)
+    return decode_state[3], i
 
 
 def generate_ar(lm, prompt_ids, cfg: SamplerConfig, seed: int = 0, row_ids=None):

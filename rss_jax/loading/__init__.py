@@ -5,8 +5,10 @@ into a ready model.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import warnings
 
 from rss_jax.loading import gguf_io, orbax_io
 from rss_jax.loading.names import GGUF_LLAMA, HF_MAPS, CheckpointError, StateFiller, flatten, unflatten
@@ -54,11 +56,7 @@ def load_weights(source: str):
         raise FileNotFoundError(f"{source}: no such file or folder (and not a built-in model name; built-ins: {known})")
     if os.path.isfile(source):
         if source.endswith(".gguf"):
-            reader = gguf_io.open_gguf(source)
-            config = gguf_io.gguf_config(reader, source)
-            tensors = ((source, n, a) for n, a in gguf_io.iter_gguf(reader, config, source))
-            params, _ = _fill(config, tensors, GGUF_LLAMA, source)
-            return config, params, load_tokenizer(gguf_file=source), source
+            return _load_gguf(source)
         if source.endswith(PICKLE_SUFFIXES):
             refuse_pickle(source)
         if source.endswith(".safetensors"):
@@ -77,6 +75,39 @@ def load_weights(source: str):
     return config, params, load_tokenizer(source), source
 
 
+def gguf_cache_dir(path: str) -> str | None:
+    """Where the converted (dequantised) copy of a GGUF file is kept: $RSS_JAX_CACHE (default ~/.cache/rss_jax),
+    keyed by the file's path, size and modification time. RSS_JAX_CACHE=off disables the cache."""
+    root = os.environ.get("RSS_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rss_jax"))
+    if root.lower() in ("off", "0", "none", ""):
+        return None
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return os.path.join(root, "gguf", f"{os.path.basename(path)[:-5]}-{key}")
+
+
+def _load_gguf(source: str):
+    """Dequantise a GGUF file (and convert its tokenizer) once; later loads read the cached Orbax copy."""
+    cache = gguf_cache_dir(source)
+    if cache is not None and orbax_io.is_orbax_folder(cache):
+        try:
+            config = orbax_io.read_config(cache)
+            return config, orbax_io.restore(cache, flatten_targets(config)), load_tokenizer(cache), source
+        except Exception as e:  # a damaged cache is rebuilt, never trusted
+            warnings.warn(f"ignoring the damaged conversion cache {cache}: {e}")
+    reader = gguf_io.open_gguf(source)
+    config = gguf_io.gguf_config(reader, source)
+    tensors = ((source, n, a) for n, a in gguf_io.iter_gguf(reader, config, source))
+    params, _ = _fill(config, tensors, GGUF_LLAMA, source)
+    tokenizer = load_tokenizer(gguf_file=source)
+    if cache is not None:
+        try:
+            orbax_io.save(cache, config, params, tokenizer, overwrite=True)
+        except OSError as e:  # a read-only home is no reason to fail a load
+            warnings.warn(f"could not cache the converted GGUF at {cache}: {e}")
+    return config, params, tokenizer, source
+
+
 def flatten_targets(config) -> dict:
     from flax import nnx
     return flatten(nnx.to_pure_dict(abstract_state_of(config)))
@@ -86,10 +117,17 @@ __all__ = ["load_weights", "resolve_builtin", "BUILTIN", "CheckpointError", "Con
            "orbax_io", "load_tokenizer"]
 
 
+HEAD_TENSORS = ("score.weight", "score.bias", "score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias",
+                "v_head.summary.weight", "v_head.summary.bias", "v_head.weight", "v_head.bias")
+
+
 def load_reward_model(source: str, dtype: str = "float32", head: str = "auto"):
-    """A JAX reward model from a Hugging Face `...ForSequenceClassification` folder (safetensors): the backbone with
-    the causal-LM name map and `score.weight` [num_labels, h] as a bias-free scalar head. Returns
-    (graphdef, state, config, tokenizer); `rss_jax.rewards.ModelReward` wraps it."""
+    """A JAX reward model from a Hugging Face folder (safetensors) holding a backbone (causal-LM name map) and a head:
+    * `score.weight` [num_labels, h] (`...ForSequenceClassification`): a bias-free scalar head;
+    * `score.0.*`, `score.2.*` (Qwen2.5-Math-PRM style): Linear(h, h) -> ReLU -> Linear(h, 2), a TwoClassHead;
+    * `v_head.summary.*` or `v_head.*` (value heads such as Skywork-o1-Open-PRM): Linear(h, 1) with bias.
+    `head` ("auto", "scalar", "two_class", "value") insists on one kind. Returns (graphdef, state, config,
+    tokenizer); `rss_jax.rewards.ModelReward` and `ProcessReward` wrap it."""
     import dataclasses
 
     import jax.numpy as jnp
@@ -98,32 +136,60 @@ def load_reward_model(source: str, dtype: str = "float32", head: str = "auto"):
 
     from rss_jax.lm import DTYPES
     from rss_jax.models import build_model
-    from rss_jax.models.heads import RewardModel, ScalarHead
+    from rss_jax.models.heads import RewardModel, ScalarHead, TwoClassHead
 
     config, hf = read_hf_config(source)
     # the backbone of a classifier has no LM head; building it tied leaves no lm_head parameter to fill
     config = dataclasses.replace(config, tie_word_embeddings=True)
     files = safetensors_files(source)
     filler = StateFiller(abstract_state_of(config), HF_MAPS[config.family], source, True)
-    score = None
+    found = {}
     for path in files:
         for name, arr in iter_safetensors(path):
-            if name.endswith("score.weight"):
-                score = arr
+            tail = next((t for t in HEAD_TENSORS if name == t or name.endswith("." + t)), None)
+            if tail is not None:
+                found[tail] = np.asarray(arr, np.float32)
             else:
                 filler.add(name, arr, path)
-    if score is None:
-        raise CheckpointError(f"{source}: no `score.weight` tensor; this is not a sequence-classification checkpoint")
-    if score.shape[1] != config.embed_dim:
-        raise CheckpointError(f"{source}: score.weight has shape {score.shape}, expected [num_labels, "
-                              f"{config.embed_dim}]")
+    kinds = {"two_class": "score.2.weight" in found and "score.0.weight" in found, "scalar": "score.weight" in found,
+             "value": "v_head.summary.weight" in found or "v_head.weight" in found}
+    if head == "auto":
+        head = next((k for k in ("two_class", "value", "scalar") if kinds[k]), None)
+    elif head not in kinds:
+        raise ValueError(f"head must be 'auto', 'scalar', 'two_class' or 'value', got {head!r}")
+    if head is None or not kinds[head]:
+        raise CheckpointError(f"{source}: no reward head tensors (`score.weight`, `score.0/2.*` or `v_head.*`) "
+                              f"{'of kind ' + repr(head) + ' ' if head else ''}found; tensors seen: {sorted(found)}")
+    h = config.embed_dim
     params = filler.finish()
     jdtype = DTYPES[dtype]
-    model = nnx.eval_shape(lambda: RewardModel(build_model(config, 0, jdtype),
-                                               ScalarHead(config.embed_dim, rngs=nnx.Rngs(0),
-                                                          num_labels=score.shape[0], dtype=jdtype)))
-    graphdef, state = nnx.split(model)
     flat = {"backbone." + k: jnp.asarray(v, jdtype) for k, v in params.items()}
-    flat["head.weight"] = jnp.asarray(np.ascontiguousarray(score.T), jdtype)
+
+    def linear(prefix, rows):
+        w = found[prefix + "weight"]
+        if w.shape != (rows, h):
+            raise CheckpointError(f"{source}: {prefix}weight has shape {w.shape}, expected [{rows}, {h}]")
+        return jnp.asarray(np.ascontiguousarray(w.T), jdtype)
+
+    if head == "two_class":
+        w1 = linear("score.0.", h)
+        make = lambda: TwoClassHead(h, rngs=nnx.Rngs(0), dtype=jdtype)  # noqa: E731
+        flat.update({"head.w1": w1, "head.w2": linear("score.2.", 2),
+                     "head.b1": jnp.asarray(found.get("score.0.bias", np.zeros(h)), jdtype),
+                     "head.b2": jnp.asarray(found.get("score.2.bias", np.zeros(2)), jdtype)})
+    else:
+        prefix = "score." if head == "scalar" else ("v_head.summary." if "v_head.summary.weight" in found
+                                                     else "v_head.")
+        w = found[prefix + "weight"]
+        if w.ndim != 2 or w.shape[1] != h:
+            raise CheckpointError(f"{source}: {prefix}weight has shape {w.shape}, expected [num_labels, {h}]")
+        bias = found.get(prefix + "bias")
+        make = lambda: ScalarHead(h, rngs=nnx.Rngs(0), num_labels=w.shape[0], bias=bias is not None,  # noqa: E731
+                                  dtype=jdtype)
+        flat["head.weight"] = jnp.asarray(np.ascontiguousarray(w.T), jdtype)
+        if bias is not None:
+            flat["head.bias"] = jnp.asarray(bias, jdtype)
+    model = nnx.eval_shape(lambda: RewardModel(build_model(config, 0, jdtype), make()))
+    graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, unflatten(flat))
     return graphdef, state, config, load_tokenizer(source)

@@ -1,0 +1,125 @@
+"""Reward against wall-clock for Best-of-N and Speculative Rejection on the real model (SmolLM2-135M-Instruct) with
+the VADER sentiment reward, as in the Speculative Rejection paper's figure.
+
+    .venv/bin/python scripts/bench_search.py
+        # ~7 minutes on 2 CPU cores; writes results/bench_search.json and results/bench_search.png, prints a table
+
+BoN(n) runs once per n (n = 1, 2, ..., n_max) with all prompts in one batch; SpR runs from n_init = n_max rows per
+prompt with each alpha and decision points `--stops`. Wall-clock is decode + reward time (compiles excluded, every
+shape is compiled before it is timed) and is also given relative to BoN(1). The improvement score is the paper's
+100 * (1 + mean_p (best_p - best_ref_p) / (max_ref_p - min_ref_p)) with BoN(n_max) as the reference (= 100).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PROMPTS = ["Describe what you did this morning.", "Write two sentences about the weather today.",
+           "Tell me about your neighbour's dog.", "What do you think of Mondays?"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--prompts", type=int, default=2, help="how many of the built-in prompts")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--n-max", type=int, default=128)
+    p.add_argument("--alphas", default="0.5,0.75,0.9")
+    p.add_argument("--stops", default="4,8,16")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "bench_search.json"))
+    a = p.parse_args()
+
+    import numpy as np
+
+    import rss_jax as rj
+    from rss_jax.decoding.speculative_rejection import improvement_score
+
+    t0 = time.perf_counter()
+    lm = rj.load(a.model)
+    reward = rj.rewards.vader_reward(lm.tokenizer)
+    prompts = PROMPTS[: a.prompts]
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+    print(f"loaded {a.model} in {time.perf_counter() - t0:.1f}s; {len(prompts)} prompts, {a.max_new_tokens} new "
+          f"tokens, T={a.temperature}", flush=True)
+
+    rows = []
+    ns = [1 << k for k in range(a.n_max.bit_length()) if (1 << k) <= a.n_max]
+    bon = {}
+    for n in ns:
+        out = rj.best_of_n(lm, prompts, reward, n=n, **kw)  # wall_s excludes the compile (compile_s)
+        comp = out.stats["compile_s"]
+        bon[n] = out
+        rows.append(dict(method="bon", n=n, alpha=None, reward=float(np.mean(out.scores)),
+                         scores=out.scores.tolist(),
+                         wall_s=out.stats["wall_s"], compile_s=comp,
+                         generated_tokens=out.stats["generated_tokens"], rm_tokens=out.stats["rm_tokens"]))
+        print(f"  bon n={n:4d}  reward {rows[-1]['reward']:+.4f}  wall {out.stats['wall_s']:7.2f}s", flush=True)
+    ref = bon[ns[-1]]
+    stops = [int(s) for s in a.stops.split(",")]
+    for alpha in [float(x) for x in a.alphas.split(",")]:
+        out = rj.speculative_rejection(lm, prompts, reward, alpha=alpha, n_init=ns[-1], stops=stops,
+                                       reference=ref, **kw)
+        comp = out.stats["compile_s"]
+        rows.append(dict(method="spr", n=ns[-1], alpha=alpha, reward=float(np.mean(out.scores)),
+                         scores=out.scores.tolist(),
+                         wall_s=out.stats["wall_s"], compile_s=comp, generated_tokens=out.stats["generated_tokens"],
+                         rm_tokens=out.stats["rm_tokens"], schedule=out.stats["schedule"],
+                         stops=out.stats["stops"], cutoffs=out.stats["cutoffs"],
+                         bon_best_survived=out.stats["bon_best_survived"]))
+        print(f"  spr a={alpha:.2f}  reward {rows[-1]['reward']:+.4f}  wall {out.stats['wall_s']:7.2f}s  "
+              f"schedule {out.stats['schedule']}", flush=True)
+    base = rows[0]["wall_s"]
+    for r in rows:
+        r["relative_wall"] = r["wall_s"] / base
+        r["improvement"] = improvement_score(r["scores"], ref.candidate_scores)
+    # the goal: SpR reaches BoN(n)'s reward for n >= 64 with >= 4x less wall-clock
+    goal = []
+    for n in [n for n in ns if n >= 64]:
+        b = next(r for r in rows if r["method"] == "bon" and r["n"] == n)
+        for r in rows:
+            if r["method"] == "spr" and r["reward"] >= b["reward"]:
+                goal.append(dict(bon_n=n, alpha=r["alpha"], speedup=b["wall_s"] / r["wall_s"]))
+    print(f"\n{'method':8s} {'n':>5s} {'alpha':>6s} {'reward':>8s} {'improv':>7s} {'wall_s':>8s} {'rel':>7s} "
+          f"{'tokens':>7s}")
+    for r in rows:
+        print(f"{r['method']:8s} {r['n']:5d} {'' if r['alpha'] is None else r['alpha']:>6} {r['reward']:+8.4f} "
+              f"{r['improvement']:7.1f} {r['wall_s']:8.2f} {r['relative_wall']:7.2f} {r['generated_tokens']:7d}")
+    print("SpR reaching BoN(n>=64)'s reward:", goal or "none")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    res = dict(args=vars(a), prompts=prompts, rows=rows, goal=goal, total_s=time.perf_counter() - t0,
+               command="python scripts/bench_search.py " + " ".join(sys.argv[1:]))
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    b = [r for r in rows if r["method"] == "bon"]
+    ax.plot([r["relative_wall"] for r in b], [r["reward"] for r in b], "o-", label="Best-of-N")
+    for r in b:
+        ax.annotate(f"{r['n']}", (r["relative_wall"], r["reward"]), fontsize=7)
+    s = [r for r in rows if r["method"] == "spr"]
+    ax.plot([r["relative_wall"] for r in s], [r["reward"] for r in s], "s", label=f"SpR (n_init={ns[-1]})")
+    for r in s:
+        ax.annotate(f"a={r['alpha']}", (r["relative_wall"], r["reward"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("wall-clock relative to BoN(1) (log)")
+    ax.set_ylabel("mean VADER reward of the answer")
+    ax.set_title(f"{a.model}, {len(prompts)} prompts, {a.max_new_tokens} tokens")
+    ax.legend()
+    fig.tight_layout()
+    png = os.path.splitext(a.out)[0] + ".png"
+    fig.savefig(png, dpi=120)
+    print(f"wrote {a.out} and {png} in {time.perf_counter() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""`rss-jax train sft|distill|dpo ...`: the trainer's command line.
+
+`add_train_parser(subparsers)` registers the `train` command on an argparse sub-parser collection and
+`run_train(args)` runs it (returns a process exit code). `python -m training train dpo ...` works the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = {
+    "sft": "supervised fine-tuning: masked cross-entropy on the response tokens",
+    "distill": "distillation toward a teacher's next-token distributions (KL or total variation)",
+    "dpo": "direct preference optimisation against a frozen reference",
+}
+
+
+def _common(p: argparse.ArgumentParser):
+    g = p.add_argument_group("run")
+    g.add_argument("--policy", required=True, help="model to train: HF folder, .gguf, rss_jax Orbax folder or built-in")
+    g.add_argument("--data", required=True, help="JSONL training data (see training/data.py for the fields)")
+    g.add_argument("--output", required=True, help="run folder: checkpoints/, metrics.jsonl, final/")
+    g.add_argument("--steps", type=int, required=True, help="length of the run and of the learning-rate schedule")
+    g.add_argument("--batch-size", type=int, default=4, help="examples (DPO: pairs) per microbatch")
+    g.add_argument("--grad-accum", type=int, default=1, help="microbatches per optimizer step")
+    g.add_argument("--learning-rate", type=float, default=1e-5, help="peak learning rate")
+    g.add_argument("--seed", type=int, default=0, help="data order and PRNG seed")
+    g.add_argument("--stop-after", type=int, default=None, metavar="M",
+                   help="end after step M with a checkpoint, as an interruption would; --resume continues")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    g.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="checkpoint every N steps (always at the last step run)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0 = all)")
+    g.add_argument("--no-export", dest="export", action="store_false",
+                   help="do not write <output>/final at the end of the run")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 10%% of --steps)")
+    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor as a fraction of the peak")
+    o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm clipping (0 = off)")
+    o.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="forward dtype (master weights stay float32)")
+    d = p.add_argument_group("data")
+    d.add_argument("--max-length", type=int, default=512, help="prompt + response tokens per sequence")
+    d.add_argument("--no-chat-template", dest="chat", action="store_false",
+                   help="tokenize text fields plainly instead of through the chat template")
+    d.add_argument("--no-shuffle", dest="shuffle", action="store_false")
+    d.add_argument("--init-layers", default=None, metavar="SPEC",
+                   help="start from a draft of the policy with these layers, e.g. '0-7,29' (make_draft)")
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `train` (with sub-commands sft, distill, dpo) on an argparse sub-parser collection."""
+    train = subparsers.add_parser("train", help="train a draft: SFT, distillation or DPO",
+                                  description="Train a draft model (Flax NNX + optax, Orbax checkpoints).")
+    sub = train.add_subparsers(dest="train_mode", metavar="{sft,distill,dpo}")
+    sub.required = True
+    for mode in ("sft", "distill", "dpo"):
+        p = sub.add_parser(mode, help=HELP[mode], description=HELP[mode])
+        _common(p)
+        if mode == "distill":
+            p.add_argument("--teacher", required=True, help="the model whose distributions the policy learns")
+            p.add_argument("--distill-loss", choices=("kl", "tv"), default="kl",
+                           help="KL(teacher||policy) or total variation (1 - TV = speculative acceptance)")
+            p.add_argument("--ce-weight", type=float, default=0.0, help="weight of the response cross-entropy added")
+        if mode == "dpo":
+            p.add_argument("--reference", default=None, help="reference model (default: frozen copy of --policy)")
+            p.add_argument("--beta", type=float, default=0.1)
+            p.add_argument("--loss-type", choices=("sigmoid", "ipo", "hinge"), default="sigmoid")
+            p.add_argument("--label-smoothing", type=float, default=0.0)
+            p.add_argument("--reference-mode", choices=("precompute", "online"), default="precompute",
+                           help="reference log-probs in one pass before training, or inside every step")
+    train.set_defaults(func=run_train)
+    return train
+
+
+def config_from_args(args):
+    from training.trainer import TrainConfig
+    mode = args.train_mode
+    kw = dict(mode=mode, policy=args.policy, data=args.data, output=args.output, steps=args.steps,
+              batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.learning_rate,
+              seed=args.seed, stop_after=args.stop_after, resume=args.resume, save_every=args.save_every,
+              keep_checkpoints=args.keep_checkpoints, export=args.export, progress=args.progress,
+              warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+              max_grad_norm=args.max_grad_norm, compute_dtype=args.compute_dtype, max_length=args.max_length,
+              chat=args.chat, shuffle=args.shuffle, init_layers=args.init_layers)
+    if mode == "distill":
+        kw.update(teacher=args.teacher, distill_loss=args.distill_loss, ce_weight=args.ce_weight)
+    if mode == "dpo":
+        kw.update(reference=args.reference, beta=args.beta, loss_type=args.loss_type,
+                  label_smoothing=args.label_smoothing, reference_mode=args.reference_mode)
+    return TrainConfig(**kw)
+
+
+def run_train(args) -> int:
+    """Run `train <mode>` from parsed arguments; prints a one-line JSON summary. Returns the exit code."""
+    from rss_jax.loading.names import CheckpointError
+    from rss_jax.models.config import ConfigError
+    from training.checkpoint import CheckpointMismatch
+    from training.data import DataError
+    from training.trainer import train
+    try:
+        result = train(config_from_args(args))
+    except (DataError, CheckpointMismatch, CheckpointError, ConfigError, FileNotFoundError, FileExistsError,
+            ValueError) as e:
+        print(f"rss-jax train: error: {e}", file=sys.stderr)
+        return 2
+    last = result.metrics[-1] if result.metrics else {}
+    print(json.dumps({"step": result.step, "loss": last.get("loss"), "checkpoint": result.checkpoint,
+                      "final": result.final, "metrics": f"{result.output}/metrics.jsonl"}))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
