@@ -101,10 +101,6 @@ def attention(q, k, v, cache_k=None, cache_v=None, lengths=None):
     return out.reshape(b, t, h * d).astype(q.dtype), cache_k, cache_v
 
 
-import os
-_UNROLL = int(os.environ.get('RSS_UNROLL', '1'))
-
-
 def scan_layers(block, layer_params: dict, h, cache_k=None, cache_v=None):
     """Run `block(params_l, h, ck_l, cv_l) -> (h, ck_l, cv_l)` over the stacked layers with one lax.scan, so that
     compile time does not grow with depth. cache_k/cache_v are [L, B, S, KVH, D] or None (uncached forward)."""
@@ -114,17 +110,6 @@ def scan_layers(block, layer_params: dict, h, cache_k=None, cache_v=None):
             return h, None
         h, _ = jax.lax.scan(body, h, layer_params)
         return h, None, None
-
-    if _UNROLL == -1:
-        def body(carry, xs):
-            h, ck, cv = carry
-            p, i = xs
-            h, k_l, v_l = block(p, h, ck[i], cv[i])
-            ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, i, 0)
-            cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, i, 0)
-            return (h, ck, cv), None
-        (h, cache_k, cache_v), _ = jax.lax.scan(body, (h, cache_k, cache_v), (layer_params, jnp.arange(cache_k.shape[0])))
-        return h, cache_k, cache_v
 
     # the cache travels as scanned input and output: each layer reads and writes only its own slice
     def body(h, xs):
