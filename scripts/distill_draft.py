@@ -7,11 +7,11 @@
    distributions) — the expected per-token acceptance of speculative sampling — before and after distillation.
 
     python scripts/distill_draft.py --layers 0-5,29 --steps 60     # writes results/distill_draft.json
+    python scripts/distill_draft.py --steps 150 --save drafts/smollm2-distilled   # keeps the draft for benchmarks
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -26,64 +26,30 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import rss_jax  # noqa: E402
 import training  # noqa: E402
-from rss_jax.cache import init_cache  # noqa: E402
 
 TOPICS = ("a rainy day", "learning to cook", "the ocean", "a job interview", "your favourite book", "space travel",
           "a city at night", "gardening", "friendship", "a mountain hike", "coffee", "a school trip", "music",
           "winter", "a lost cat", "the internet", "a small village", "running a marathon", "painting", "trains")
 FORMS = ("Write a short story about {}.", "Give three tips about {}.", "Describe {} in a few sentences.",
-         "Write a short poem about {}.")
+         "Write a short poem about {}.", "Explain to a child what is special about {}.",
+         "Write a friendly email to a colleague about {}.", "What are the pros and cons of {}?",
+         "Write a product review that mentions {}.")
 
 
 def prompts() -> list[str]:
     return [f.format(t) for t in TOPICS for f in FORMS]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _sample(graphdef, state, tokens, lengths, key, new_tokens):
-    """tokens [B, P] right-padded prompts with lengths [B] -> sampled continuations [B, new_tokens]."""
-    model = nnx.merge(graphdef, state)
-    b, p = tokens.shape
-    cache = init_cache(model.config, b, p + new_tokens)
-    logits, cache = model(tokens, cache=cache, lengths=jnp.zeros((b,), jnp.int32))
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-
-    def body(carry, k):
-        last, cache, lengths = carry
-        tok = jax.random.categorical(k, last).astype(jnp.int32)
-        logits, cache = model(tok[:, None], cache=cache, lengths=lengths)
-        return (logits[:, 0], cache, lengths + 1), tok
-
-    _, toks = jax.lax.scan(body, (last, cache, lengths), jax.random.split(key, new_tokens))
-    return toks.T
-
-
 def generate(lm, texts, new_tokens, seed, batch=16):
-    tok = lm.tokenizer
-    eos = set(lm.eos_token_ids)
+    """The target's own responses (temperature 1, stopping at its EOS) as prompt/response id records."""
     out = []
     for s in range(0, len(texts), batch):
-        chunk = texts[s:s + batch]
-        ids = [tok(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                          add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-               for t in chunk]
-        width = -(-max(map(len, ids)) // 16) * 16
-        arr = np.zeros((len(chunk), width), np.int32)
-        for i, x in enumerate(ids):
-            arr[i, :len(x)] = x
-        gen = np.asarray(_sample(lm.graphdef, lm.state, jnp.asarray(arr), jnp.asarray([len(x) for x in ids]),
-                                 jax.random.key(seed + s), new_tokens))
-        for x, g in zip(ids, gen):
-            resp = []
-            for t in g.tolist():
-                resp.append(t)
-                if t in eos:
-                    break
-            out.append({"prompt_ids": x, "response_ids": resp})
+        res = rss_jax.generate(lm, texts[s:s + batch], max_new_tokens=new_tokens, temperature=1.0, seed=seed + s)
+        for ids, row, n in zip(res.prompt_ids, res.tokens, res.lengths):
+            out.append({"prompt_ids": ids, "response_ids": row[:n].tolist()})
     return out
 
 
@@ -113,6 +79,8 @@ def main():
     ap.add_argument("--held-out", type=int, default=16, help="prompts kept out of training")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "distill_draft.json"))
+    ap.add_argument("--save", default=None, metavar="DIR",
+                    help="also write the distilled draft here (an rss_jax Orbax folder for --draft of the benchmarks)")
     a = ap.parse_args()
     t0 = time.perf_counter()
     target = rss_jax.load(a.model)
@@ -139,6 +107,9 @@ def main():
             steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate, seed=a.seed,
             distill_loss=a.loss, export=False))
         after = acceptance(target, res.lm, held_data)
+        if a.save:
+            res.lm.save(a.save, overwrite=True)
+            print(f"wrote the distilled draft to {a.save}", flush=True)
         after_train = acceptance(target, res.lm, train_data)
     print(f"acceptance after {a.steps} steps of {a.loss} distillation: {after:.4f} held out "
           f"(train {before_train:.4f} -> {after_train:.4f}); {time.perf_counter() - t0:.0f} s in all")
