@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -14,30 +15,57 @@ def _stats_row(name, out):
     return {"method": name, "new tokens": s["new_tokens"], "wall s": s["wall_s"], "tokens/s": s["tokens_per_s"],
             "compile s": s["compile_s"], "target calls": s.get("target_calls"),
             "tokens/target call": s.get("tokens_per_target_call", 1.0 if name == "ar" else None),
-            "acceptance": s.get("acceptance_rate"), "alpha_hat": s.get("alpha_hat"), "mean C": s.get("mean_c")}
+            "acceptance": s.get("acceptance_rate"), "alpha_hat": s.get("alpha_hat")}
+
+
+def draft_cache() -> str:
+    """Where `make drafts` keeps the trained drafts of the built-in model."""
+    from rss_jax.loading import cache_root
+    return os.path.join(cache_root() or os.path.expanduser("~/.cache/rss_jax"), "drafts")
+
+
+def demo_drafts(lm, args):
+    """(aligned draft, SFT draft, description): the given ones, else the best the cache has, else untrained
+    layer-truncated copies of the model."""
+    import rss_jax as rj
+    from training import make_draft
+    if args.draft:
+        draft = rj.load(args.draft)
+        return draft, rj.load(args.sft) if args.sft else draft, "given drafts"
+    distilled = os.path.join(draft_cache(), "smollm2-135m-instruct-distilled")
+    aligned = os.path.join(draft_cache(), "smollm2-135m-instruct-aligned")
+    if args.model == "smollm2-135m-instruct" and os.path.isdir(distilled):
+        sft = rj.load(distilled)
+        if os.path.isdir(aligned):
+            return rj.load(aligned), sft, "trained drafts: distilled (SFT) and DPO-aligned on VADER preferences"
+        return sft, sft, "distilled draft (no aligned draft yet: SSS then samples the target exactly)"
+    draft = make_draft(lm, DEMO_DRAFT_LAYERS)
+    return draft, draft, ("untrained layer-truncated draft: run `make drafts` to distil and align one (about 20 "
+                          "minutes on two cores); with sft = draft SSS samples the target exactly")
 
 
 def cmd_demo(args) -> int:
     import rss_jax as rj
     from rss_jax.report import table
-    from training import make_draft
 
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
     lm = rj.load(args.model)
-    draft = rj.load(args.draft) if args.draft else make_draft(lm, DEMO_DRAFT_LAYERS)
-    sft = rj.load(args.sft) if args.sft else draft
-    print(f"target: {lm}\ndraft:  {draft}\nsft:    {sft}  (loaded in {time.perf_counter() - t0:.1f} s)")
-    if not args.draft:
-        print("note: untrained layer-truncated draft (no trained draft given; see `rss-jax train`); with sft = draft, "
-              "SSS samples the target's own distribution exactly")
+    draft, sft, what = demo_drafts(lm, args)
+    print(f"target: {lm}\ndraft:  {draft}\nsft:    {sft}\n({what}; loaded in {time.perf_counter() - t0:.1f} s)")
+    reward = rj.rewards.vader_reward(lm.tokenizer) if lm.tokenizer is not None else None
     common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    runs = [("ar", {}), ("sd", dict(draft=draft, k=args.k)), ("sss", dict(draft=draft, sft=sft, k=args.k))]
+    runs = [("ar", {}), ("sd", dict(draft=sft, k=args.k)), ("eft", dict(draft=draft, sft=sft)),
+            ("sss", dict(draft=draft, sft=sft, k=args.k))]
     rows, texts = [], {}
     for name, kw in runs:
-        method = name
-        out = rj.generate(lm, DEMO_PROMPTS, method=method, **kw, **common)
-        rows.append(_stats_row(name, out))
+        print(f"running {name} ...", flush=True)
+        out = rj.generate(lm, DEMO_PROMPTS, method=name, **kw, **common)
+        row = _stats_row(name, out)
+        if reward is not None:
+            resp = [r[:n].tolist() for r, n in zip(out.tokens, out.lengths)]
+            row["VADER"] = float(reward.score(out.prompt_ids, resp).mean())
+        rows.append(row)
         texts[name] = out.texts
     for i, prompt in enumerate(DEMO_PROMPTS):
         print(f"\n=== prompt: {prompt}")
@@ -45,7 +73,7 @@ def cmd_demo(args) -> int:
             print(f"--- {name}:\n{texts[name][i].strip()}")
     print()
     print(table(rows, title=f"batch {len(DEMO_PROMPTS)}, {args.max_new_tokens} new tokens, T={args.temperature}, "
-                            f"K={args.k}"))
+                            f"K={args.k}; sd drafts with the SFT draft, eft and sss target the same distribution"))
     return 0
 
 

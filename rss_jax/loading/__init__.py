@@ -75,11 +75,17 @@ def load_weights(source: str):
     return config, params, load_tokenizer(source), source
 
 
+def cache_root() -> str | None:
+    """$RSS_JAX_CACHE (default ~/.cache/rss_jax); None when set to off."""
+    root = os.environ.get("RSS_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rss_jax"))
+    return None if root.lower() in ("off", "0", "none", "") else root
+
+
 def gguf_cache_dir(path: str) -> str | None:
     """Where the converted (dequantised) copy of a GGUF file is kept: $RSS_JAX_CACHE (default ~/.cache/rss_jax),
     keyed by the file's path, size and modification time. RSS_JAX_CACHE=off disables the cache."""
-    root = os.environ.get("RSS_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rss_jax"))
-    if root.lower() in ("off", "0", "none", ""):
+    root = cache_root()
+    if root is None:
         return None
     st = os.stat(path)
     key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
