@@ -118,7 +118,9 @@ class CompiledCache:
 
     def call(self, fn, static: tuple, *args) -> tuple[Any, float, float]:
         """Run fn(*static, *args) jitted with `static` as static arguments. Returns (out, compile_s, run_s)."""
-        shapes = tuple((a.shape, str(a.dtype)) if hasattr(a, "shape") else type(a) for a in jax.tree.leaves(args))
+        # shapes, dtypes and shardings: the same model placed on a mesh needs its own executable
+        shapes = tuple((a.shape, str(a.dtype), getattr(a, "sharding", None)) if hasattr(a, "shape") else type(a)
+                       for a in jax.tree.leaves(args))
         key = (fn, static, jax.tree.structure(args), shapes)
         compiled = self.entries.get(key)
         compile_s = 0.0
