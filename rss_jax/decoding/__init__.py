@@ -1,9 +1,8 @@
 """Decoding methods. `generate` is the entry point for ar, sd, sss and eft."""
 from __future__ import annotations
 
-from rss_jax import sampling
 from rss_jax.decoding import common
-from rss_jax.decoding.autoregressive import SamplerConfig, generate_ar
+from rss_jax.decoding.autoregressive import SamplerConfig, generate_ar, sampler_config
 from rss_jax.decoding.common import GenerateOutput
 
 METHODS = ("ar", "sd", "sss", "eft")
@@ -24,13 +23,8 @@ def generate(lm, prompts, method="ar", draft=None, sft=None, k=4, mode="exact", 
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-    sampling.validate_sampling_args(temperature, top_k, top_p, min_p)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    cfg = sampler_config(lm, max_new_tokens, temperature, top_k, top_p, min_p, eos)
     prompt_ids = common.encode_prompts(lm, prompts, chat)
-    cfg = SamplerConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-                        top_p=None if top_p is None else float(top_p), min_p=None if min_p is None else float(min_p),
-                        eos=common.resolve_eos(lm, eos))
     if method == "ar":
         common.check_context(lm, prompt_ids, max_new_tokens)
         tokens, stats = generate_ar(lm, prompt_ids, cfg, seed)

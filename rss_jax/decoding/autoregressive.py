@@ -27,11 +27,25 @@ class SamplerConfig:
     top_p: float | None = None
     min_p: float | None = None
     eos: tuple = ()
+    vocab: int | None = None  # sample among the first `vocab` ids only (a model may have more rows than its tokenizer)
 
     def sample(self, keys, logits):
         """keys [B] typed keys, logits [B, V] -> tokens [B] int32."""
+        if self.vocab is not None and self.vocab < logits.shape[-1]:
+            logits = logits[..., :self.vocab]
         return jax.vmap(lambda k, l: sampling.sample_token(k, l, self.temperature, self.top_k, self.top_p,
                                                            self.min_p))(keys, logits)
+
+
+def sampler_config(lm, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                   eos=None) -> SamplerConfig:
+    """Validated static sampling knobs for `lm` (eos=None: the model's EOS ids; [] never stops early)."""
+    sampling.validate_sampling_args(temperature, top_k, top_p, min_p)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    return SamplerConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+                         top_p=None if top_p is None else float(top_p), min_p=None if min_p is None else float(min_p),
+                         eos=common.resolve_eos(lm, eos), vocab=min(lm.vocab_size, lm.config.vocab_size))
 
 
 def row_keys(base_key, row_ids, position):

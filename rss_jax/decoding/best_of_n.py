@@ -18,9 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rss_jax import sampling
 from rss_jax.decoding import common
-from rss_jax.decoding.autoregressive import SamplerConfig, decode_steps, start_decode
+from rss_jax.decoding.autoregressive import SamplerConfig, decode_steps, sampler_config, start_decode
 from rss_jax.rewards import as_reward
 
 SELECT_TAG = 0x5E1EC7  # folded into the seed for soft-BoN's Gumbel noise, apart from the sampling keys
@@ -35,15 +34,6 @@ class SearchOutput(common.GenerateOutput):
     candidates: np.ndarray | None = None
     candidate_scores: np.ndarray | None = None
     chosen: np.ndarray | None = None
-
-
-def make_config(lm, max_new_tokens, temperature, top_k, top_p, min_p, eos) -> SamplerConfig:
-    sampling.validate_sampling_args(temperature, top_k, top_p, min_p)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    return SamplerConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-                         top_p=None if top_p is None else float(top_p), min_p=None if min_p is None else float(min_p),
-                         eos=common.resolve_eos(lm, eos))
 
 
 def global_row_ids(n_prompts: int, rows: np.ndarray) -> np.ndarray:
@@ -175,7 +165,7 @@ def best_of_n(lm, prompts, reward, n: int, beta=None, max_new_tokens: int = 128,
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if beta is not None and not float(beta) >= 0:
         raise ValueError(f"beta must be >= 0 or None, got {beta!r}")
-    cfg = make_config(lm, max_new_tokens, temperature, top_k, top_p, min_p, eos)
+    cfg = sampler_config(lm, max_new_tokens, temperature, top_k, top_p, min_p, eos)
     prompt_ids = common.encode_prompts(lm, prompts, chat)
     out = run_population(lm, prompt_ids, cfg, as_reward(reward, lm.tokenizer), [int(n)], [max_new_tokens], seed,
                          beta)

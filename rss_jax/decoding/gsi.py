@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rss_jax.decoding import common, steps as st
-from rss_jax.decoding.best_of_n import SearchOutput, make_config
+from rss_jax.decoding.autoregressive import sampler_config
+from rss_jax.decoding.best_of_n import SearchOutput
 from rss_jax.rewards import as_reward
 
 SMALL_TAG, BIG_TAG, PICK_TAG = 0x5A11, 0xB16, 0x91C
@@ -65,7 +66,7 @@ def gsi(small, big, prompts, reward, n: int = 16, beta: float = 20.0, u: float =
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
-    cfg = make_config(small, max_new_tokens, temperature, top_k, top_p, min_p, eos)
+    cfg = sampler_config(small, max_new_tokens, temperature, top_k, top_p, min_p, eos)
     scfg = st.StepConfig(cfg, int(max_step_tokens), None if logprob_temperature is None else float(logprob_temperature))
     prompt_ids = common.encode_prompts(small, prompts, chat)
     common.check_context(big, prompt_ids, max_new_tokens, max_step_tokens)

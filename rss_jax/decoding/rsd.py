@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rss_jax.decoding import common, steps as st
-from rss_jax.decoding.best_of_n import SearchOutput, make_config
+from rss_jax.decoding.autoregressive import sampler_config
+from rss_jax.decoding.best_of_n import SearchOutput
 from rss_jax.rewards import as_reward
 
 SMALL_TAG, BIG_TAG, PICK_TAG = 0x25D1, 0x25D2, 0x25D3
@@ -35,7 +36,7 @@ def rsd(small, big, prompts, reward, delta: float = 0.7, n: int = 1, beta: float
                          f"{big.config.vocab_size} logits")
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    cfg = make_config(small, max_new_tokens, temperature, top_k, top_p, min_p, eos)
+    cfg = sampler_config(small, max_new_tokens, temperature, top_k, top_p, min_p, eos)
     scfg = st.StepConfig(cfg, int(max_step_tokens))
     prompt_ids = common.encode_prompts(small, prompts, chat)
     common.check_context(big, prompt_ids, max_new_tokens, max_step_tokens)

@@ -4,8 +4,10 @@ Pending-token convention. Each row keeps a *pending* token: the last token of it
 the last prompt token), whose keys and values are not yet in any cache; every cache holds `lengths[b]` valid slots,
 the same number for the target, the draft and the SFT draft. One block:
 
-1. the draft runs K+1 cached steps on [pending, d_1 .. d_K], sampling d_{j+1} from the filtered proposal q_j at each
-   of the first K steps; the last step only writes d_K and gives pi_r's row K (needed by SSS);
+1. the draft samples d_1..d_K from the filtered proposal q_j, one cached step each. For SSS and EFT it runs K+1 steps
+   on [pending, d_1 .. d_K]: the last only writes d_K and gives pi_r's row K, which the shifted target needs. SD needs
+   no row K, so it runs K steps, the first on the two tokens [prev, pending] (prev = the token before pending): that
+   rewrites prev's slot with the same values, or writes d_K when the previous block accepted all K drafts;
 2. the target (and for SSS the SFT draft) scores the same K+1 tokens in one cached forward: K+1 rows;
 3. the verify rule of `rss_jax.sampling` (one target-distribution combiner for every method) gives a and the next
    token; the row emits d_1..d_a and the next token, its lengths advance by a+1 and the emitted last token becomes
@@ -55,14 +57,14 @@ class SpecConfig:
         return self.method in ("sss", "eft")
 
 
-def fit_vocab(logits, vocab: int):
-    """Trim or pad (with NEG) the last axis to the shared tokenizer's size."""
-    v = logits.shape[-1]
-    if v == vocab:
+def fit_vocab(logits, vocab: int, usable: int | None = None):
+    """Trim or pad the last axis to the shared tokenizer's size `vocab`; entries from `usable` on (rows that some
+    model of the method lacks) get the logit NEG, so no model's missing row can decide the target distribution."""
+    usable = min(vocab, logits.shape[-1], usable or vocab)
+    logits = logits[..., :usable]
+    if usable == vocab:
         return logits
-    if v > vocab:
-        return logits[..., :vocab]
-    pad = [(0, 0)] * (logits.ndim - 1) + [(0, vocab - v)]
+    pad = [(0, 0)] * (logits.ndim - 1) + [(0, vocab - usable)]
     return jnp.pad(logits, pad, constant_values=NEG)
 
 
@@ -76,6 +78,9 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
     sft = nnx.merge(gd_s, st_s) if cfg.three_models else None
     b, p = prompt_tokens.shape
     k, n, v = cfg.k, cfg.max_new_tokens, cfg.vocab
+    # SD: the target keeps all its rows (the draft's missing ones just get q = 0); SSS/EFT: p~ combines three models,
+    # so a token is usable only if all three have it
+    usable = min(m.config.vocab_size for m in (target, draft, sft) if m is not None) if cfg.three_models else None
     capacity = p + n + k + 1
     zeros = jnp.zeros((b,), jnp.int32)
 
@@ -92,31 +97,48 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
                   c_sum=jnp.zeros((b,), jnp.float32), c_count=zeros)
 
     def block(carry):
-        it, pending, (c_t, c_d, c_s), lengths, n_emit, out, done, st = carry
+        it, pending, prev, (c_t, c_d, c_s), lengths, n_emit, out, done, st = carry
         keys = jax.vmap(lambda r, e: common.row_key(base_key, r, e))(row_ids, n_emit)
 
-        # 1. draft K tokens (plus one step that writes d_K and gives pi_r's row K)
+        # 1. draft K tokens
+        def sample_draft(j, logits_j):
+            step_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 2 + j))(keys)
+            return jax.vmap(lambda kk, ll: sampling.sample_token(kk, ll, cfg.temperature, cfg.draft_top_k,
+                                                                 cfg.draft_top_p))(step_keys, logits_j)
+
         def draft_step(dc, j):
             c_d, x = dc
             logits, c_d = draft(x[:, None], cache=c_d, lengths=lengths + j)
-            l = fit_vocab(logits[:, 0], v)
-            step_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 2 + j))(keys)
-            d = jax.vmap(lambda kk, ll: sampling.sample_token(kk, ll, cfg.temperature, cfg.draft_top_k,
-                                                              cfg.draft_top_p))(step_keys, l)
+            l = fit_vocab(logits[:, 0], v, usable)
+            d = sample_draft(j, l)
             return (c_d, d), (l, d)
 
-        (c_d, _), (l_d, d_all) = jax.lax.scan(draft_step, (c_d, pending), jnp.arange(k + 1))
-        l_d = jnp.swapaxes(l_d, 0, 1)  # [B, K+1, V]
-        drafts = jnp.swapaxes(d_all, 0, 1)[:, :k]  # [B, K]
+        if cfg.three_models:
+            # K + 1 steps on [pending, d_1..d_K]: the last writes d_K and gives pi_r's row K, which SSS needs
+            (c_d, _), (l_d, d_all) = jax.lax.scan(draft_step, (c_d, pending), jnp.arange(k + 1))
+            l_d = jnp.swapaxes(l_d, 0, 1)  # [B, K+1, V]
+            drafts = jnp.swapaxes(d_all, 0, 1)[:, :k]  # [B, K]
+        else:
+            # SD needs no row K: K steps, the first feeding [prev, pending]. That rewrites prev's slot with the same
+            # keys and values, or writes d_K when the previous block accepted all K drafts (so no extra step).
+            has_prev = lengths > 0
+            two = jnp.stack([jnp.where(has_prev, prev, pending), pending], axis=1)
+            logits, c_d = draft(two, cache=c_d, lengths=jnp.maximum(lengths - 1, 0))
+            row = jnp.where(has_prev, 1, 0)[:, None, None]
+            l0 = fit_vocab(jnp.take_along_axis(logits, row, axis=1)[:, 0], v, usable)
+            d1 = sample_draft(0, l0)
+            (c_d, _), (l_rest, d_rest) = jax.lax.scan(draft_step, (c_d, d1), jnp.arange(1, k))
+            l_d = jnp.concatenate([l0[:, None], jnp.swapaxes(l_rest, 0, 1)], axis=1)  # [B, K, V]
+            drafts = jnp.concatenate([d1[:, None], jnp.swapaxes(d_rest, 0, 1)], axis=1)  # [B, K]
         q = sampling.probs_from_logits(l_d[:, :k], cfg.temperature, cfg.draft_top_k, cfg.draft_top_p)
         fed = jnp.concatenate([pending[:, None], drafts], axis=1)  # [B, K+1]
 
         # 2. verify in one cached forward per verifier
         logits_t, c_t = target(fed, cache=c_t, lengths=lengths)
-        l_t = fit_vocab(logits_t, v)
+        l_t = fit_vocab(logits_t, v, usable)
         if cfg.three_models:
             logits_s, c_s = sft(fed, cache=c_s, lengths=lengths)
-            l_s = fit_vocab(logits_s, v)
+            l_s = fit_vocab(logits_s, v, usable)
             mode = "exact" if cfg.method == "eft" else cfg.mode
             res = sampling.sss_verify_with_flags(keys, drafts, q, l_t, l_d, l_s, mode, cfg.temperature, cfg.shift,
                                                  cfg.top_k, cfg.top_p, cfg.min_p)
@@ -143,8 +165,11 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
         out = out.at[rows[:, None], pos].set(emitted, mode="drop")
         active = ~done
         new_pending = jnp.take_along_axis(emitted, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+        before_last = jnp.take_along_axis(emitted, jnp.maximum(count - 2, 0)[:, None], axis=1)[:, 0]
+        new_prev = jnp.where(count >= 2, before_last, pending)
         advance = jnp.where(no_bonus, k, a + 1)
         lengths = jnp.where(active, lengths + advance, lengths)
+        prev = jnp.where(active, new_prev, prev)
         pending = jnp.where(active, new_pending, pending)
         n_emit = jnp.where(active, n_emit + count, n_emit)
         done = done | eos_done | (n_emit >= n)
@@ -158,18 +183,19 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
         st["hist"] = st["hist"] + jax.nn.one_hot(a, k + 1, dtype=jnp.int32) * act[:, None]
         if cfg.method == "sss":
             c = sampling.mean_c(l_t, l_d, l_s, cfg.temperature, cfg.shift)  # [B, K+1]
-            used = (jnp.arange(k + 1)[None, :] <= a[:, None]) & active[:, None]
+            used = (jnp.arange(k + 1)[None, :] < jnp.where(no_bonus, a, a + 1)[:, None]) & active[:, None]
             st["c_sum"] = st["c_sum"] + jnp.sum(jnp.where(used, c, 0.0), axis=1)
             st["c_count"] = st["c_count"] + jnp.sum(used, axis=1)
-        return it + 1, pending, (c_t, c_d, c_s), lengths, n_emit, out, done, st
+        return it + 1, pending, prev, (c_t, c_d, c_s), lengths, n_emit, out, done, st
 
     def cond(carry):
-        it, done = carry[0], carry[6]
+        it, done = carry[0], carry[7]
         return (it < n + 1) & ~jnp.all(done)
 
     out0 = jnp.full((b, n), -1, jnp.int32)
-    carry = (jnp.int32(0), pending, caches, lengths, zeros, out0, jnp.zeros((b,), bool), stats0)
-    it, _, _, _, _, out, _, st = jax.lax.while_loop(cond, block, carry)
+    prev = jnp.take_along_axis(prompt_tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
+    carry = (jnp.int32(0), pending, prev, caches, lengths, zeros, out0, jnp.zeros((b,), bool), stats0)
+    it, _, _, _, _, _, out, _, st = jax.lax.while_loop(cond, block, carry)
     return out, st, it
 
 
@@ -219,7 +245,8 @@ def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, 
     rejections = int((st["hist"][:, :cfg.k].sum()))
     stats = {"method": method, "mode": cfg.mode if method == "sss" else None, "k": cfg.k,
              "compile_s": compile_s, "wall_s": run_s, "total_s": time.perf_counter() - t0,
-             "blocks": int(it), "target_calls": int(it), "draft_calls": int(it) * (cfg.k + 1),
+             "blocks": int(it), "target_calls": int(it),
+             "draft_calls": int(it) * (cfg.k + 1 if cfg.three_models else cfg.k),
              "row_blocks": st["blocks"].tolist(), "accepted": acc,
              "acceptance_rate": acc / (cfg.k * blocks) if cfg.k and blocks else float("nan"),
              "alpha_hat": acc / (acc + rejections) if (acc + rejections) else float("nan"),

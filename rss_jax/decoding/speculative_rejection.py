@@ -13,7 +13,8 @@ from fractions import Fraction
 import numpy as np
 
 from rss_jax.decoding import common
-from rss_jax.decoding.best_of_n import SearchOutput, make_config, run_population
+from rss_jax.decoding.autoregressive import sampler_config
+from rss_jax.decoding.best_of_n import SearchOutput, run_population
 from rss_jax.rewards import as_reward
 
 
@@ -83,7 +84,7 @@ def speculative_rejection(lm, prompts, reward, alpha, n_init: int, stops=None, k
     schedule, stops, cutoffs (per round, per prompt), generated_tokens, decode_slots, rm_tokens, final_rows,
     bon_best_survived (with `reference`), wall_s (decode + reward), compile_s.
     """
-    cfg = make_config(lm, max_new_tokens, temperature, top_k, top_p, min_p, eos)
+    cfg = sampler_config(lm, max_new_tokens, temperature, top_k, top_p, min_p, eos)
     prompt_ids = common.encode_prompts(lm, prompts, chat)
     if stops is None and kv_budget is None:
         stops = [1 << k for k in range(2, max(2, max_new_tokens.bit_length()))]
