@@ -30,6 +30,7 @@ def main():
     p.add_argument("--prompts", type=int, default=2, help="how many of the built-in prompts")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--n-max", type=int, default=128)
+    p.add_argument("--n-init", type=int, default=None, help="SpR's initial population (default: --n-max)")
     p.add_argument("--alphas", default="0.5,0.75,0.9")
     p.add_argument("--stops", default="4,8,16")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -64,11 +65,12 @@ def main():
         print(f"  bon n={n:4d}  reward {rows[-1]['reward']:+.4f}  wall {out.stats['wall_s']:7.2f}s", flush=True)
     ref = bon[ns[-1]]
     stops = [int(s) for s in a.stops.split(",")]
+    n_init = a.n_init or ns[-1]
     for alpha in [float(x) for x in a.alphas.split(",")]:
-        out = rj.speculative_rejection(lm, prompts, reward, alpha=alpha, n_init=ns[-1], stops=stops,
+        out = rj.speculative_rejection(lm, prompts, reward, alpha=alpha, n_init=n_init, stops=stops,
                                        reference=ref, **kw)
         comp = out.stats["compile_s"]
-        rows.append(dict(method="spr", n=ns[-1], alpha=alpha, reward=float(np.mean(out.scores)),
+        rows.append(dict(method="spr", n=n_init, alpha=alpha, reward=float(np.mean(out.scores)),
                          scores=out.scores.tolist(),
                          wall_s=out.stats["wall_s"], compile_s=comp, generated_tokens=out.stats["generated_tokens"],
                          rm_tokens=out.stats["rm_tokens"], schedule=out.stats["schedule"],
@@ -107,7 +109,7 @@ def main():
     for r in b:
         ax.annotate(f"{r['n']}", (r["relative_wall"], r["reward"]), fontsize=7)
     s = [r for r in rows if r["method"] == "spr"]
-    ax.plot([r["relative_wall"] for r in s], [r["reward"] for r in s], "s", label=f"SpR (n_init={ns[-1]})")
+    ax.plot([r["relative_wall"] for r in s], [r["reward"] for r in s], "s", label=f"SpR (n_init={n_init})")
     for r in s:
         ax.annotate(f"a={r['alpha']}", (r["relative_wall"], r["reward"]), fontsize=7)
     ax.set_xscale("log")
