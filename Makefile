@@ -24,7 +24,7 @@ demo: $(STAMP)
 DRAFTS := $(or $(RSS_JAX_CACHE),$(HOME)/.cache/rss_jax)/drafts
 drafts: $(STAMP)
 	$(PY) scripts/distill_draft.py --steps 200 --new-tokens 64 --held-out 24 --save $(DRAFTS)/smollm2-135m-instruct-distilled
-	$(PY) scripts/align_draft.py --sft $(DRAFTS)/smollm2-135m-instruct-distilled --save $(DRAFTS)/smollm2-135m-instruct-aligned
+	$(PY) scripts/align_draft.py --sft $(DRAFTS)/smollm2-135m-instruct-distilled --save $(DRAFTS)/smollm2-135m-instruct-aligned --learning-rate 5e-5 --steps 120
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

@@ -55,9 +55,13 @@ def main():
         print(what)
     common = dict(max_new_tokens=args.new_tokens, temperature=args.temperature, eos=[], seed=0)
 
+    reward = rj.rewards.vader_reward(lm.tokenizer)
+
     def run(model, **kw):
-        """Best tokens/s over the prompts (batch 1 each), best of --repeats; stats summed over prompts."""
+        """Best tokens/s over the prompts (batch 1 each), best of --repeats; stats summed over prompts; the mean
+        VADER reward of the responses (which shows the reward shift of SSS against AR and SD)."""
         tot_tokens = tot_time = 0.0
+        rewards = []
         acc = blocks = rej = 0
         for prompt in PROMPTS:
             rj.generate(model, [prompt], **kw, **common)  # compile
@@ -67,13 +71,15 @@ def main():
                 if best is None or out.stats["wall_s"] < best.stats["wall_s"]:
                     best = out
             s = best.stats
+            rewards.append(float(reward.score(best.prompt_ids, [best.tokens[0][:best.lengths[0]].tolist()])[0]))
             tot_tokens += s["new_tokens"]
             tot_time += s["wall_s"]
             if "accepted" in s:
                 acc += s["accepted"]
                 blocks += s["blocks"]
                 rej += sum(s["accepted_histogram"][:-1])
-        res = {"tok/s": tot_tokens / tot_time, "tokens": tot_tokens, "wall s": tot_time}
+        res = {"tok/s": tot_tokens / tot_time, "tokens": tot_tokens, "wall s": tot_time,
+               "VADER": sum(rewards) / len(rewards)}
         if blocks:
             k = kw.get("k", 0)
             res.update({"acceptance": acc / (k * blocks) if k else None,
@@ -102,7 +108,7 @@ def main():
             rows.append(row)
         print(table(rows[-2:]), flush=True)
     cols = ["method", "K", "tok/s", "vs ar", "theory vs ar", "of theory", "vs eft", "theory vs eft", "acceptance",
-            "alpha_hat",
+            "alpha_hat", "VADER",
             "tokens/target call"]
     title = (f"batch 1, {args.new_tokens} new tokens, T={args.temperature}, draft {draft.source} "
              f"(cost ratio c={c:.2f}), {machine()}")
