@@ -144,7 +144,7 @@ def test_stats_are_consistent(trio):
                       temperature=1.0, eos=[], seed=4)
     s = out.stats
     hist = np.array(s["accepted_histogram"])
-    assert hist.sum() == sum(s["row_blocks"])
+    assert hist.sum() == sum(s["row_blocks"]) == s["row_blocks_total"]
     assert s["accepted"] == int((hist * np.arange(k + 1)).sum())
     assert s["bonus_tokens"] == hist[k]
     assert s["acceptance_rate"] == pytest.approx(s["accepted"] / (k * hist.sum()))
