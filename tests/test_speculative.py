@@ -186,3 +186,33 @@ def test_vocabulary_mismatch_and_bad_args(trio):
         rj.generate(target, [PROMPT], method="sss", draft=draft, sft=sft, mode="fast")
     with pytest.raises(ValueError, match="k .* must be an integer >= 1"):
         rj.generate(target, [PROMPT], method="sd", draft=draft, k=0)
+
+
+def _exact_marginal(trio, combine, steps):
+    """Exact law of the token at generated position `steps` (0-based), summing over every prefix."""
+    import itertools
+    law = np.zeros(V)
+    prefixes = list(itertools.product(range(V), repeat=steps))
+    seqs = np.array([PROMPT + list(x) for x in prefixes])
+    logits = [np.asarray(m.logits(seqs), np.float64) for m in trio]
+    n0 = len(PROMPT)
+    dists = _softmax(combine(*logits))  # [P, T, V]
+    for i, x in enumerate(prefixes):
+        w = np.prod([dists[i, n0 - 1 + t, x[t]] for t in range(steps)])
+        law += w * dists[i, n0 - 1 + steps]
+    return law
+
+
+@pytest.mark.parametrize("method", ["sd", "sss"])
+def test_fourth_token_marginal_across_blocks(trio, method):
+    """With K = 2 the 4th token always comes from a later block than the first: its marginal law over N rows must
+    equal the exact marginal of the target (sum over all V^3 prefixes)."""
+    target, draft, sft = trio
+    combine = (lambda lt, ld, ls: lt) if method == "sd" else (lambda lt, ld, ls: lt + ld - ls)
+    law = _exact_marginal(trio, combine, 3)
+    out = rj.generate(target, [PROMPT] * N, method=method, draft=draft, sft=sft, k=2, max_new_tokens=4,
+                      temperature=1.0, eos=[], seed=21)
+    freq = np.bincount(out.tokens[:, 3], minlength=V) / N
+    tol = 5 * np.sqrt(law * (1 - law) / N) + 1e-3
+    assert np.all(np.abs(freq - law) <= tol), (freq, law)
+    assert out.stats["blocks"] >= 2
