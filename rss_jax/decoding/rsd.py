@@ -50,11 +50,8 @@ def rsd(small, big, prompts, reward, delta: float = 0.7, n: int = 1, beta: float
     final_scores = np.zeros((len(prompt_ids),), np.float32)
     rows = np.arange(n, dtype=np.int32)
     for b, prompt in enumerate(prompt_ids):
-        capacity = common.bucket(len(prompt)) + max_new_tokens + max_step_tokens
-        s_ctx = st.Context(small, scfg, prompt, capacity, stats, "small")
-        b_ctx = st.Context(big, scfg, prompt, capacity, stats, "big")
-        k_small, k_big, k_pick = (jax.random.fold_in(jax.random.fold_in(root, tag), b)
-                                  for tag in (SMALL_TAG, BIG_TAG, PICK_TAG))
+        s_ctx, b_ctx, (k_small, k_big, k_pick) = st.prompt_setup(
+            small, big, scfg, prompt, max_new_tokens, max_step_tokens, stats, root, b, (SMALL_TAG, BIG_TAG, PICK_TAG))
         response, done_steps = [], []
         while len(response) < max_new_tokens and (max_steps is None or len(done_steps) < max_steps):
             pos0, limit = len(response), min(max_step_tokens, max_new_tokens - len(response))

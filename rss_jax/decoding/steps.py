@@ -209,3 +209,15 @@ def gumbel_choice(key, scores, beta) -> int:
     scores = np.asarray(scores, np.float64)
     finite = np.isfinite(scores)
     return int(np.argmax(np.where(finite, float(beta) * np.where(finite, scores, 0.0) + g, -np.inf)))
+
+
+def prompt_setup(small, big, scfg, prompt, max_new_tokens: int, max_step_tokens: int, stats: dict, root, b: int,
+                 tags: tuple):
+    """Per-prompt state of a step-level loop (GSI, RSD): a decoding context for each model, sized for the whole
+    response plus one step, and three PRNG streams (small model, big model, pick) for prompt b, keyed by `tags`."""
+    capacity = common.bucket(len(prompt)) + max_new_tokens + max_step_tokens
+    s_ctx = Context(small, scfg, prompt, capacity, stats, "small")
+    b_ctx = Context(big, scfg, prompt, capacity, stats, "big")
+    keys = tuple(jax.random.fold_in(jax.random.fold_in(root, tag), b) for tag in tags)
+    return s_ctx, b_ctx, keys
+
