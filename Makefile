@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m rss_jax.cli demo
 
-# distil a draft of the built-in model, then align it with DPO on VADER preferences (about 20-30 min on 2 cores);
+# distil a draft of the built-in model, then align it with DPO on VADER preferences (about 30 min on 2 cores);
 # `make demo` then uses them for SD, EFT and SSS
 DRAFTS := $(or $(RSS_JAX_CACHE),$(HOME)/.cache/rss_jax)/drafts
 drafts: $(STAMP)

@@ -40,7 +40,7 @@ def demo_drafts(lm, args):
             return rj.load(aligned), sft, "trained drafts: distilled (SFT) and DPO-aligned on VADER preferences"
         return sft, sft, "distilled draft (no aligned draft yet: SSS then samples the target exactly)"
     draft = make_draft(lm, DEMO_DRAFT_LAYERS)
-    return draft, draft, ("untrained layer-truncated draft: run `make drafts` to distil and align one (about 20 "
+    return draft, draft, ("untrained layer-truncated draft: run `make drafts` to distil and align one (about 30 "
                           "minutes on two cores); with sft = draft SSS samples the target exactly")
 
 
