@@ -84,8 +84,11 @@ def _check_two_token_law(out, first, second):
     assert np.all(np.abs(freq - joint) <= tol), np.abs(freq - joint).max()
 
 
-@pytest.mark.parametrize("method,mode", [("sd", "exact"), ("sss", "exact"), ("sss", "paper"), ("eft", "exact")])
-def test_engine_two_token_law(trio, method, mode):
+@pytest.mark.parametrize("method,mode,draft_top_k", [("sd", "exact", None), ("sss", "exact", None),
+                                                     ("sss", "paper", None), ("eft", "exact", None),
+                                                     ("sd", "exact", 3), ("sss", "exact", 3)])
+def test_engine_two_token_law(trio, method, mode, draft_top_k):
+    """draft_top_k filters only the proposal (SPEC 2.4): the output law must not change."""
     target, draft, sft = trio
     if method == "sd":
         first, second = _laws(trio, lambda lt, ld, ls: _softmax(lt))
@@ -94,7 +97,7 @@ def test_engine_two_token_law(trio, method, mode):
     else:
         first, second = _laws(trio, _exact_sss)
     out = rj.generate(target, [PROMPT] * N, method=method, draft=draft, sft=sft, k=3, mode=mode,
-                      max_new_tokens=2, temperature=1.0, eos=[], seed=11)
+                      max_new_tokens=2, temperature=1.0, eos=[], seed=11, draft_top_k=draft_top_k)
     _check_two_token_law(out, first, second)
     if method != "eft":
         assert 0.0 < out.stats["acceptance_rate"] < 1.0
