@@ -41,15 +41,15 @@ class LM:
         """Size of the shared token space: the tokenizer's when there is one, else the embedding rows."""
         return len(self.tokenizer) if self.tokenizer is not None else self.config.vocab_size
 
-    @property
+    @functools.cached_property
     def eos_token_ids(self) -> tuple:
+        """The config's EOS ids plus the tokenizer's EOS and the chat end-of-turn tokens it knows (computed once)."""
         ids = list(self.config.eos_token_ids)
         tok = self.tokenizer
         if tok is not None:
-            for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab()
-                      else None, tok.convert_tokens_to_ids("<|eot_id|>") if "<|eot_id|>" in tok.get_vocab()
-                      else None):
-                if t is not None and t not in ids:
+            vocab = tok.get_vocab()
+            for t in (tok.eos_token_id, vocab.get("<|im_end|>"), vocab.get("<|eot_id|>")):
+                if t is not None and int(t) not in ids:
                     ids.append(int(t))
         return tuple(ids)
 

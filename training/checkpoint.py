@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from rss_jax.loading.names import flatten, unflatten
+from rss_jax.loading.orbax_io import atomic_folder, save_tree
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -60,25 +61,12 @@ def _tree(params, opt_state, rng_key, step: int, data_position: int) -> dict:
 def save_checkpoint(output: str, step: int, params, opt_state, rng_key, data_position: int, meta: dict,
                     keep: int = 2) -> str:
     """Write checkpoint `step` atomically and prune all but the newest `keep` (keep <= 0 keeps every one)."""
-    import orbax.checkpoint as ocp
-    root = checkpoint_dir(output)
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"step_{step:08d}")
-    tmp = os.path.join(root, f".tmp-step_{step:08d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tree = jax.device_get(_tree(params, opt_state, rng_key, step, data_position))
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, "state"), tree)
-            ckptr.wait_until_finished()
+    final = os.path.join(checkpoint_dir(output), f"step_{step:08d}")
+    with atomic_folder(final) as tmp:  # assembled under .tmp-step_..., which list_checkpoints never picks up
+        save_tree(os.path.join(tmp, "state"),
+                  jax.device_get(_tree(params, opt_state, rng_key, step, data_position)))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, step=int(step), data_position=int(data_position)), f, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep > 0:
         for _, old in list_checkpoints(output)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

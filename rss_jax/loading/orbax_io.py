@@ -6,6 +6,7 @@ so an interrupted save leaves nothing that looks like a checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,29 +25,43 @@ def is_orbax_folder(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, MARKER))
 
 
-def save(path: str, config: ModelConfig, state_dict: dict, tokenizer=None, overwrite: bool = False):
-    """state_dict: the flat {param path: array} of a model."""
-    import orbax.checkpoint as ocp
+@contextlib.contextmanager
+def atomic_folder(path: str):
+    """Yield a temporary folder beside `path`; when the block ends normally it replaces `path` (one rename), and on
+    any error it is removed, so an interrupted write never leaves a folder that looks complete."""
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, "params"), {k: np.asarray(v) for k, v in state_dict.items()})
-            ckptr.wait_until_finished()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"format": 1, "config": config.to_json()}, f, indent=1)
+        yield tmp
         if os.path.exists(path):
             shutil.rmtree(path)
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_tree(folder: str, tree) -> None:
+    """Write a pytree of arrays with Orbax's StandardCheckpointer and wait until it is on disk."""
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(folder, tree)
+        ckptr.wait_until_finished()
+
+
+def save(path: str, config: ModelConfig, state_dict: dict, tokenizer=None, overwrite: bool = False):
+    """state_dict: the flat {param path: array} of a model."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    with atomic_folder(path) as tmp:
+        save_tree(os.path.join(tmp, "params"), {k: np.asarray(v) for k, v in state_dict.items()})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"format": 1, "config": config.to_json()}, f, indent=1)
     return path
 
 
