@@ -27,8 +27,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import tqdm  # noqa: E402
+
 import rss_jax  # noqa: E402
 import training  # noqa: E402
+from rss_jax.report import write_json  # noqa: E402
 
 TOPICS = ("a rainy day", "learning to cook", "the ocean", "a job interview", "your favourite book", "space travel",
           "a city at night", "gardening", "friendship", "a mountain hike", "coffee", "a school trip", "music",
@@ -37,20 +40,58 @@ FORMS = ("Write a short story about {}.", "Give three tips about {}.", "Describe
          "Write a short poem about {}.", "Explain to a child what is special about {}.",
          "Write a friendly email to a colleague about {}.", "What are the pros and cons of {}?",
          "Write a product review that mentions {}.")
+# --more-prompts adds these (a wider mix of everyday chat requests)
+MORE_TOPICS = ("homework", "a birthday party", "climate change", "a new phone", "learning a language", "a broken bike",
+               "the history of bread", "a noisy neighbour", "moving to a new city", "healthy breakfasts", "chess",
+               "a summer holiday", "electric cars", "a first day at work", "dogs", "saving money", "the moon",
+               "a football match", "volunteering", "old photographs")
+MORE_FORMS = ("Summarise in two sentences why people care about {}.", "Answer briefly: what should I know about {}?",
+              "Write a tweet about {}.", "List five words that come to mind for {}.",
+              "Write a dialogue between two friends about {}.", "How would you explain {} to your grandmother?")
 
 
-def prompts() -> list[str]:
-    return [f.format(t) for t in TOPICS for f in FORMS]
+def prompts(more: bool = False) -> list[str]:
+    """The instruction set: 160 prompts, or 160 + 460 with `more` (the original 160 first, so held-out splits of
+    the short set stay held out)."""
+    base = [f.format(t) for t in TOPICS for f in FORMS]
+    if not more:
+        return base
+    extra = [f.format(t) for t in MORE_TOPICS for f in FORMS + MORE_FORMS]
+    extra += [f.format(t) for t in TOPICS for f in MORE_FORMS]
+    return base + extra
 
 
-def generate(lm, texts, new_tokens, seed, batch=16):
-    """The target's own responses (temperature 1, stopping at its EOS) as prompt/response id records."""
-    out = []
-    for s in range(0, len(texts), batch):
-        res = rss_jax.generate(lm, texts[s:s + batch], max_new_tokens=new_tokens, temperature=1.0, seed=seed + s)
-        for ids, row, n in zip(res.prompt_ids, res.tokens, res.lengths):
-            out.append({"prompt_ids": ids, "response_ids": row[:n].tolist()})
+def generate(lm, texts, new_tokens, seed, batch=16, responses=1):
+    """The target's own responses (temperature 1, stopping at its EOS) as prompt/response id records; `responses`
+    samples per prompt (different seeds), grouped by prompt."""
+    out = [[] for _ in texts]
+    jobs = [(i, r) for r in range(responses) for i in range(len(texts))]
+    for s in tqdm.trange(0, len(jobs), batch, desc="target samples", unit="batch"):
+        part = jobs[s:s + batch]
+        res = rss_jax.generate(lm, [texts[i] for i, _ in part], max_new_tokens=new_tokens, temperature=1.0,
+                               seed=seed + 7919 * part[0][1] + s)
+        for (i, _), ids, row, n in zip(part, res.prompt_ids, res.tokens, res.lengths):
+            out[i].append({"prompt_ids": ids, "response_ids": row[:n].tolist()})
     return out
+
+
+def cached_records(lm, texts, a):
+    """Sampled records per prompt, read from / written to --data-cache (JSON) so reruns skip the sampling."""
+    key = {"model": a.model, "new_tokens": a.new_tokens, "seed": a.seed, "responses": a.responses_per_prompt,
+           "texts": texts}
+    if a.data_cache and os.path.exists(a.data_cache):
+        with open(a.data_cache) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            print(f"read the target's samples from {a.data_cache}", flush=True)
+            return cached["records"]
+        print(f"{a.data_cache} was made with other settings; sampling again", flush=True)
+    print(f"sampling {a.new_tokens} tokens x {a.responses_per_prompt} for {len(texts)} prompts from the target ...",
+          flush=True)
+    records = generate(lm, texts, a.new_tokens, a.seed, batch=a.sample_batch, responses=a.responses_per_prompt)
+    if a.data_cache:
+        write_json(a.data_cache, {"key": key, "records": records})
+    return records
 
 
 def acceptance(target, draft, data: training.Dataset, batch=8) -> float:
@@ -77,6 +118,12 @@ def main():
     ap.add_argument("--loss", choices=("kl", "tv"), default="kl")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--held-out", type=int, default=16, help="prompts kept out of training")
+    ap.add_argument("--more-prompts", action="store_true", help="620 instructions instead of 160")
+    ap.add_argument("--responses-per-prompt", type=int, default=1)
+    ap.add_argument("--sample-batch", type=int, default=16, help="rows per sampling call")
+    ap.add_argument("--data-cache", default=None, metavar="FILE",
+                    help="JSON file for the target's samples: reused when it matches the settings, else written")
+    ap.add_argument("--samples-only", action="store_true", help="only sample (fill --data-cache) and stop")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "distill_draft.json"))
     ap.add_argument("--save", default=None, metavar="DIR",
@@ -84,12 +131,15 @@ def main():
     a = ap.parse_args()
     t0 = time.perf_counter()
     target = rss_jax.load(a.model)
-    texts = prompts()
+    texts = prompts(a.more_prompts)
     rng = np.random.default_rng(a.seed)
     rng.shuffle(texts)
-    print(f"sampling {a.new_tokens} tokens for {len(texts)} prompts from the target ...", flush=True)
-    records = generate(target, texts, a.new_tokens, a.seed)
-    train_recs, held = records[a.held_out:], records[:a.held_out]
+    records = cached_records(target, texts, a)
+    if a.samples_only:
+        return
+    # held out by prompt: no held-out instruction is ever seen in training (one response each is enough to measure)
+    train_recs = [r for per in records[a.held_out:] for r in per]
+    held = [per[0] for per in records[:a.held_out]]
     draft = training.make_draft(target, a.layers)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}

@@ -103,6 +103,64 @@ def test_engine_two_token_law(trio, method, mode, draft_top_k):
         assert 0.0 < out.stats["acceptance_rate"] < 1.0
 
 
+KEEP = [0, 2, 3, 5, 6]  # a trimmed draft vocabulary (0 is the EOS id and would be added anyway)
+
+
+def _restricted_sss(lt, ld, ls):
+    """Exact SSS law of trimmed drafts: pi_r = pi_sft = 0 outside KEEP, so p~ = p_ref pi_r / pi_sft is 0 there."""
+    z = np.full_like(lt, -np.inf)
+    z[KEEP] = lt[KEEP] + ld[KEEP] - ls[KEEP]
+    return _softmax(z)
+
+
+@pytest.fixture(scope="module")
+def trimmed_trio(trio):
+    from training import trim_vocab
+    target, draft, sft = trio
+    return target, trim_vocab(draft, [2, 3, 5, 6]), trim_vocab(sft, KEEP)
+
+
+def test_trimmed_head_logits_and_round_trip(trio, trimmed_trio, tmp_path):
+    """The trimmed head scores exactly the kept ids with the full head's values (-inf elsewhere), and survives
+    save / load."""
+    draft, trimmed = trio[1], trimmed_trio[1]
+    assert trimmed.config.head_token_ids == tuple(KEEP)
+    seqs = [PROMPT + [4, 7]]
+    full, cut = np.asarray(draft.logits(seqs)), np.asarray(trimmed.logits(seqs))
+    np.testing.assert_allclose(cut[..., KEEP], full[..., KEEP], rtol=1e-5, atol=1e-5)
+    assert np.all(np.isneginf(np.delete(cut, KEEP, axis=-1)))
+    trimmed.save(str(tmp_path / "t"))
+    back = rj.load(str(tmp_path / "t"))
+    assert back.config.head_token_ids == tuple(KEEP)
+    np.testing.assert_array_equal(np.asarray(back.logits(seqs)), cut)
+
+
+@pytest.mark.parametrize("method", ["sd", "sss"])
+def test_engine_law_with_trimmed_drafts(trimmed_trio, method):
+    """SD with a trimmed draft still samples the full target law; exact SSS with drafts trimmed together samples
+    p_ref pi_r / pi_sft restricted to their vocabulary (and EFT, the same code path, the same law)."""
+    target, draft, sft = trimmed_trio
+    rule = (lambda lt, ld, ls: _softmax(lt)) if method == "sd" else _restricted_sss
+    first, second = _laws(trimmed_trio, rule)
+    out = rj.generate(target, [PROMPT] * N, method=method, draft=draft, sft=sft, k=3, max_new_tokens=2,
+                      temperature=1.0, eos=[], seed=13)
+    _check_two_token_law(out, first, second)
+    if method == "sd":
+        assert first[[1, 4, 7]].sum() > 0.05  # the target does emit tokens the draft cannot propose
+
+
+def test_trimmed_sft_must_cover_the_aligned_draft(trio, trimmed_trio):
+    from training import trim_vocab
+    target, draft, _ = trio
+    with pytest.raises(ValueError, match="trimmed head.*Trim both drafts with the same token ids"):
+        rj.generate(target, [PROMPT], method="sss", draft=draft, sft=trimmed_trio[2])
+    with pytest.raises(ValueError, match=r"can emit 1 of them \(e.g. \[4\]\)"):
+        rj.generate(target, [PROMPT], method="eft", draft=trim_vocab(draft, [2, 3, 4]), sft=trimmed_trio[2])
+    # a trimmed aligned draft over a full SFT draft is fine (pi_r = 0 there makes p~ = 0, never infinite)
+    out = rj.generate(target, [PROMPT], method="sss", draft=trimmed_trio[1], sft=draft, max_new_tokens=3)
+    assert set(out.tokens[0].tolist()) <= set(KEEP)
+
+
 def test_paper_rule_differs_from_exact_here(trio):
     """Guard that the paper test above can tell the two laws apart on these models (C != 1)."""
     a, _ = _laws(trio, _paper)

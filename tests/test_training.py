@@ -330,3 +330,45 @@ def test_distill_tv_and_make_draft(tmp_path, policy):
     assert res.lm.config.num_layers == 2
     assert res.metrics[-1]["tv"] < res.metrics[0]["tv"]
     assert acceptance(res.lm) > acceptance(draft) + 0.05
+
+
+def test_frequent_token_ids_and_trimmed_head_training(tmp_path, policy):
+    """trim_vocab keeps the most frequent ids (+ EOS); KL distillation of a trimmed student fits the teacher
+    restricted to the kept ids (finite loss and gradients, acceptance rises); SFT data outside the head is refused."""
+    ids = training.frequent_token_ids([[5, 5, 7, 9, 9, 9], [7, 3, -1]], 3, always=[1])
+    assert ids == [1, 5, 9]  # 9 (x3) first, then 5 and 7 (x2) tie and the lower id wins the last slot
+    with pytest.raises(ValueError, match="at least one"):
+        training.frequent_token_ids([[1]], 0)
+    teacher = from_params(TINY, {k: np.asarray(v) * (1 if "norm" in k else 6) for k, v in policy.params().items()})
+    keep = list(range(0, V, 2))  # every even id
+    draft = training.trim_vocab(training.make_draft(teacher, [0, 2]), keep)
+    assert draft.config.head_token_ids == tuple(keep)
+    rng = np.random.default_rng(7)
+    recs = [{"prompt_ids": rng.integers(1, V, 4).tolist(), "response_ids": rng.integers(1, V, 12).tolist()}
+            for _ in range(8)]
+    path = write_jsonl(tmp_path / "distill.jsonl", recs)
+    data = training.build_dataset(path, "sft", None, V)
+    toks, mask = jnp.asarray(data.tokens[:, 0]), jnp.asarray(data.loss_mask[:, 0])
+    t_logits, d_logits = teacher.logits(toks), draft.logits(toks)
+    loss = float(training.distill_sum(d_logits, t_logits, mask, "kl"))
+    # NumPy oracle: KL(teacher restricted to the even ids and renormalised || student) summed over response positions
+    t = np.asarray(t_logits, np.float64)[:, :-1][..., keep]
+    s = np.asarray(d_logits, np.float64)[:, :-1][..., keep]
+    lt = t - np.log(np.exp(t - t.max(-1, keepdims=True)).sum(-1, keepdims=True)) - t.max(-1, keepdims=True)
+    ls = s - np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1, keepdims=True)) - s.max(-1, keepdims=True)
+    want = float(((np.exp(lt) * (lt - ls)).sum(-1) * np.asarray(mask)[:, 1:]).sum())
+    assert loss == pytest.approx(want, rel=1e-4)
+
+    def acceptance(lm):
+        return float(training.acceptance(t_logits[:, :-1], lm.logits(toks)[:, :-1], mask[:, 1:]))
+
+    res = training.train(TrainConfig(mode="distill", policy=draft, teacher=teacher, data=path,
+                                     output=str(tmp_path / "d"), steps=8, batch_size=4, learning_rate=3e-3,
+                                     progress=False, export=False))
+    assert all(np.isfinite(m["loss"]) for m in res.metrics)
+    assert res.lm.config.head_token_ids == tuple(keep)
+    assert acceptance(res.lm) > acceptance(draft) + 0.02
+    with pytest.raises(DataError, match="trimmed head .* cannot produce"):
+        training.train(TrainConfig(mode="sft", policy=draft, data=path, output=str(tmp_path / "s"), steps=1,
+                                   batch_size=4, progress=False, export=False))
+    assert not os.path.exists(tmp_path / "s")

@@ -43,3 +43,54 @@ def make_draft(target: LM, layers, dtype: str | None = None) -> LM:
     config = dataclasses.replace(target.config, num_layers=len(layers))
     return from_params(config, flat, target.tokenizer, dtype=dtype or target.dtype,
                        source=f"{target.source}[layers {layers}]")
+
+
+def frequent_token_ids(sequences, size: int, always=()) -> list[int]:
+    """The `size` most frequent ids over `sequences` (lists of token ids; ties to the lower id), plus `always`
+    (e.g. EOS and chat-template tokens), sorted: the vocabulary of a trimmed draft head."""
+    size = int(size)
+    if size < 1:
+        raise ValueError(f"a draft vocabulary needs at least one token, got size={size}")
+    counts: dict[int, int] = {}
+    for seq in sequences:
+        for t in seq:
+            t = int(t)
+            if t >= 0:
+                counts[t] = counts.get(t, 0) + 1
+    keep = {int(t) for t in always}
+    for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(keep) >= size:
+            break
+        keep.add(t)
+    return sorted(keep)
+
+
+def trim_vocab(lm: LM, token_ids) -> LM:
+    """A copy of `lm` whose output head scores only `token_ids` (plus the model's EOS ids, always kept so that
+    generation can stop): the head's rows are the corresponding rows of the current head; every other token gets
+    logit -inf. A draft with a trimmed head costs much less per step when the head is a large share of it (SmolLM2's
+    49152 x 576 head is 28M of 135M parameters). Speculative decoding stays exact for the target (the draft simply
+    never proposes the other tokens); for SSS / EFT the aligned target p~ = p_ref * pi_r / pi_sft is zero outside
+    the drafts' shared vocabulary."""
+    cfg = lm.config
+    ids = sorted({int(t) for t in token_ids} | {int(t) for t in lm.eos_token_ids if int(t) < cfg.vocab_size})
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the model's vocabulary of {cfg.vocab_size}")
+    if not ids:
+        raise ValueError("trim_vocab needs at least one token id")
+    flat = {k: np.asarray(v) for k, v in lm.params().items()}
+    head = lm.module
+    if cfg.head_token_ids:  # re-trimming a trimmed head: only ids it already scores have rows
+        old = {t: i for i, t in enumerate(cfg.head_token_ids)}
+        missing = [t for t in ids if t not in old]
+        if missing:
+            raise ValueError(f"{len(missing)} requested ids (e.g. {missing[:5]}) are not in the trimmed head")
+        rows = np.asarray(flat["head_rows"])[[old[t] for t in ids]]
+    else:
+        w = np.asarray(head.head_weight())
+        rows = (w.T if head.head_transposed else w)[np.asarray(ids)]
+    flat.pop("lm_head", None)
+    flat["head_rows"] = rows
+    config = dataclasses.replace(cfg, head_token_ids=tuple(ids))
+    return from_params(config, flat, lm.tokenizer, dtype=lm.dtype, source=f"{lm.source}[head {len(ids)} tokens]")

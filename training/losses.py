@@ -78,7 +78,14 @@ def distill_sum(student_logits, teacher_logits, loss_mask, kind: str = "kl"):
     t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits[:, :-1]).astype(jnp.float32), axis=-1)
     pt = jnp.exp(t)
     if kind == "kl":
-        per_pos = jnp.sum(pt * (t - s), axis=-1)
+        # A student with a trimmed head (logit -inf outside its vocabulary) is fitted to the teacher restricted to
+        # that vocabulary and renormalised; for a full-vocabulary student this is the plain KL.
+        support = s > -jnp.inf
+        s_in = jnp.where(support, s, 0.0)  # no -inf - -inf anywhere, so no NaN in the gradient either
+        t_in = jnp.where(support, t, -jnp.inf)
+        t_in = t_in - jax.nn.logsumexp(t_in, axis=-1, keepdims=True)
+        t_in = jnp.where(support, t_in, 0.0)
+        per_pos = jnp.sum(jnp.where(support, jnp.exp(t_in) * (t_in - s_in), 0.0), axis=-1)
     elif kind == "tv":
         per_pos = 0.5 * jnp.sum(jnp.abs(pt - jnp.exp(s)), axis=-1)
     else:

@@ -185,7 +185,8 @@ def _micro_loss(spec: StepSpec, params, mb, frozen, norm):
         teacher = jax.lax.stop_gradient(model_logits(spec.frozen_graphdef, frozen, tokens, cd))
         div = distill_sum(logits, teacher, mask, spec.distill_loss)
         stats[spec.distill_loss] = div
-        loss_sum = div + spec.ce_weight * ce
+        # (no 0 * ce term: with a trimmed-head student ce is inf on tokens outside its head)
+        loss_sum = div + spec.ce_weight * ce if spec.ce_weight else div
     stats["loss"] = loss_sum
     return loss_sum / norm, stats
 
@@ -247,6 +248,20 @@ def _as_float32(lm: LM) -> LM:
         return lm
     return from_params(lm.config, {k: np.asarray(v, np.float32) for k, v in lm.params().items()}, lm.tokenizer,
                        dtype="float32", source=lm.source)
+
+
+def check_head_vocabulary(policy: LM, data: Dataset) -> None:
+    """A policy with a trimmed head (`training.trim_vocab`) gives log-prob -inf to every other token, so SFT and
+    DPO data must use only the head's tokens in their responses (distillation needs no such check)."""
+    ids = policy.config.head_token_ids
+    if not ids:
+        return
+    used = np.unique(data.tokens[data.loss_mask.astype(bool)])
+    outside = np.setdiff1d(used, np.asarray(ids))
+    if outside.size:
+        raise DataError(f"{data.path}: the responses use {outside.size} token ids that the policy's trimmed head "
+                        f"({len(ids)} tokens) cannot produce, e.g. {outside[:5].tolist()}; their log-probability "
+                        "is -inf. Train on text the draft can emit (e.g. its own samples) or trim with those ids.")
 
 
 def check_same_vocabulary(policy: LM, other: LM, role: str, other_name: str):
@@ -335,6 +350,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     pad_id = policy.config.pad_token_id if policy.config.pad_token_id is not None else 0
     data = build_dataset(cfg.data, "dpo" if cfg.mode == "dpo" else "sft", tok, policy.config.vocab_size,
                          cfg.max_length, cfg.chat, pad_id=pad_id)
+    if cfg.mode != "distill" or cfg.ce_weight:
+        check_head_vocabulary(policy, data)
     per_step = cfg.batch_size * cfg.grad_accum
     if len(data) < cfg.batch_size:
         raise DataError(f"{cfg.data}: {len(data)} examples, fewer than one batch of {cfg.batch_size}")

@@ -215,6 +215,23 @@ def _check_pair(lm, other, role: str) -> int:
     return lm.vocab_size
 
 
+def _check_head_vocab(draft, sft) -> None:
+    """pi_r / pi_sft must be finite wherever pi_r > 0: a trimmed SFT head must score every token the aligned draft
+    can emit (drafts trimmed together, `training.trim_vocab` with the same ids, satisfy this)."""
+    ids_s = sft.config.head_token_ids
+    if not ids_s:
+        return
+    ids_d = draft.config.head_token_ids
+    extra = sorted(set(ids_d) - set(ids_s)) if ids_d else None
+    if extra is None or extra:
+        what = (f"{len(extra)} of them (e.g. {extra[:5]})" if extra is not None
+                else "every token outside the SFT head's")
+        raise ValueError(
+            f"the SFT draft {sft.source!r} scores only {len(ids_s)} tokens (a trimmed head) but the aligned draft "
+            f"{draft.source!r} can emit {what}: pi_r / pi_sft would be infinite there. Trim both drafts with the "
+            "same token ids (training.trim_vocab) or use a full-vocabulary SFT draft.")
+
+
 def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p,
                          seed):
     if not isinstance(k, (int, np.integer)) or k < 1:
@@ -224,6 +241,7 @@ def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, 
     vocab = _check_pair(lm, draft, "draft")
     if method in ("sss", "eft"):
         _check_pair(lm, sft, "sft")
+        _check_head_vocab(draft, sft)
     if method == "eft":
         k = 0
     cfg = SpecConfig(method=method, k=int(k), mode=mode if method == "sss" else "exact", shift=float(shift),

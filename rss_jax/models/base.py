@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rss_jax.cache import KVCache
@@ -41,7 +42,26 @@ class CausalLM(nnx.Module):
             return h, new_cache
         return self.unembed(h), new_cache
 
+    def init_trimmed_head(self, config, rngs: nnx.Rngs, dtype):
+        """Subclasses call this last in __init__: a config with `head_token_ids` gets its own output rows
+        `head_rows` [len(ids), E] (the tied or untied full head is then not used for logits)."""
+        if config.head_token_ids:
+            ids = np.asarray(config.head_token_ids)
+            if ids.ndim != 1 or np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= config.vocab_size:
+                raise ValueError("head_token_ids must be strictly increasing token ids in [0, vocab_size="
+                                 f"{config.vocab_size}); got {len(ids)} ids from {ids.min()} to {ids.max()}")
+            self.head_rows = nnx.Param(normal_init(rngs, (len(ids), config.embed_dim), dtype))
+
     def unembed(self, h):
+        ids = self.config.head_token_ids
+        if ids:
+            logits = jnp.einsum("bte,ve->btv", h, self.head_rows.value.astype(h.dtype),
+                                preferred_element_type=jnp.float32)
+            # scatter into the full vocabulary as a gather: slot len(ids) of the padded row holds -inf
+            where = np.full((self.config.vocab_size,), len(ids), np.int32)
+            where[np.asarray(ids)] = np.arange(len(ids), dtype=np.int32)
+            padded = jnp.concatenate([logits, jnp.full(logits.shape[:-1] + (1,), -jnp.inf, jnp.float32)], -1)
+            return jnp.take(padded, jnp.asarray(where), axis=-1)
         w = self.head_weight()
         if self.head_transposed:  # [E, V]
             return jnp.einsum("bte,ev->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)

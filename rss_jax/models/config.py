@@ -53,6 +53,9 @@ class ModelConfig:
     eos_token_ids: tuple = ()
     pad_token_id: int | None = None
     model_type: str = ""
+    # A trimmed output head (a draft's vocabulary, FR-Spec style): the sorted token ids the head scores. Logits of
+    # every other id are -inf, so the model never proposes them. () = the full vocabulary.
+    head_token_ids: tuple = ()
 
     @property
     def rope_scaling_dict(self) -> dict:
@@ -67,6 +70,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["rope_scaling"] = dict(self.rope_scaling)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["head_token_ids"] = list(self.head_token_ids)
         return d
 
     @classmethod
@@ -74,6 +78,7 @@ class ModelConfig:
         d = dict(d)
         d["rope_scaling"] = _freeze(d.get("rope_scaling") or {})
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        d["head_token_ids"] = tuple(int(i) for i in d.get("head_token_ids") or ())
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -38,6 +38,7 @@ class GPT2(CausalLM):
         self.layers = GPT2Layers(config, rngs, dtype)
         self.ln_f_w = nnx.Param(jnp.ones((config.hidden_size,), dtype))
         self.ln_f_b = nnx.Param(jnp.zeros((config.hidden_size,), dtype))
+        self.init_trimmed_head(config, rngs, dtype)
 
     def embed(self, tokens, positions):
         return jnp.take(self.wte.value, tokens, axis=0) + jnp.take(self.wpe.value, positions, axis=0)

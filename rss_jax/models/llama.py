@@ -41,8 +41,9 @@ class Llama(CausalLM):
         self.embed_tokens = nnx.Param(normal_init(rngs, (config.vocab_size, config.hidden_size), dtype))
         self.layers = LlamaLayers(config, rngs, dtype)
         self.norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
-        if not config.tie_word_embeddings:
+        if not config.tie_word_embeddings and not config.head_token_ids:
             self.lm_head = nnx.Param(normal_init(rngs, (config.vocab_size, config.hidden_size), dtype))
+        self.init_trimmed_head(config, rngs, dtype)
 
     def embed(self, tokens, positions):
         return jnp.take(self.embed_tokens.value, tokens, axis=0)

@@ -42,6 +42,7 @@ class OPT(CausalLM):
         if config.final_layer_norm:
             self.final_ln_w = nnx.Param(jnp.ones((e,), dtype))
             self.final_ln_b = nnx.Param(jnp.zeros((e,), dtype))
+        self.init_trimmed_head(config, rngs, dtype)
 
     def embed(self, tokens, positions):
         h = jnp.take(self.embed_tokens.value, tokens, axis=0)
