@@ -36,6 +36,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--draft-top-k", type=int, default=None,
+                    help="filter the proposal to its top k (SPEC 2.5: the paper uses 40); the output law is unchanged")
     ap.add_argument("--out", default="results/bench_speculative.json")
     args = ap.parse_args()
 
@@ -96,7 +98,7 @@ def main():
             dict(method="eft", K=None, **eft, **{"vs ar": eft["tok/s"] / ar["tok/s"]})]
     for k in args.k:
         for method in ("sd", "sss"):
-            r = run(lm, method=method, draft=draft, sft=sft, k=k)
+            r = run(lm, method=method, draft=draft, sft=sft, k=k, draft_top_k=args.draft_top_k)
             a = r["alpha_hat"]
             expected = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
             theory = expected / (1 + k * c) if method == "sd" else expected / (1 + (k + 1) * c + c)
@@ -110,7 +112,8 @@ def main():
     cols = ["method", "K", "tok/s", "vs ar", "theory vs ar", "of theory", "vs eft", "theory vs eft", "acceptance",
             "alpha_hat", "VADER",
             "tokens/target call"]
-    title = (f"batch 1, {args.new_tokens} new tokens, T={args.temperature}, draft {draft.source} "
+    title = (f"batch 1, {args.new_tokens} new tokens, T={args.temperature}, draft_top_k={args.draft_top_k}, "
+             f"draft {draft.source} "
              f"(cost ratio c={c:.2f}), {machine()}")
     print()
     print(table(rows, cols, title=title))

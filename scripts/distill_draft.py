@@ -123,6 +123,9 @@ def main():
     ap.add_argument("--sample-batch", type=int, default=16, help="rows per sampling call")
     ap.add_argument("--data-cache", default=None, metavar="FILE",
                     help="JSON file for the target's samples: reused when it matches the settings, else written")
+    ap.add_argument("--head-vocab", type=int, default=0, metavar="N",
+                    help="trim the draft's output head to the N most frequent response tokens (+ EOS); 0 = full")
+    ap.add_argument("--init", default=None, metavar="DIR", help="start from this draft instead of --layers")
     ap.add_argument("--samples-only", action="store_true", help="only sample (fill --data-cache) and stop")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "distill_draft.json"))
@@ -137,10 +140,34 @@ def main():
     records = cached_records(target, texts, a)
     if a.samples_only:
         return
-    # held out by prompt: no held-out instruction is ever seen in training (one response each is enough to measure)
-    train_recs = [r for per in records[a.held_out:] for r in per]
-    held = [per[0] for per in records[:a.held_out]]
-    draft = training.make_draft(target, a.layers)
+    # held out by prompt: the first --held-out instructions of the 160-prompt set shuffled with --seed (the same
+    # held-out set whatever --more-prompts says, so drafts of both runs are measured on unseen instructions);
+    # one response each is enough to measure
+    base = prompts(False)
+    np.random.default_rng(a.seed).shuffle(base)
+    held_texts = set(base[:a.held_out])
+    train_recs = [r for t, per in zip(texts, records) if t not in held_texts for r in per]
+    held = [per[0] for t, per in zip(texts, records) if t in held_texts]
+    if a.init:
+        draft = rss_jax.load(a.init)
+        print(f"starting from {a.init}", flush=True)
+    else:
+        draft = training.make_draft(target, a.layers)
+    coverage = None
+    if a.head_vocab:
+        # half by frequency in the training responses, the rest the lowest ids (BPE ids rank merges, so low ids are
+        # the tokenizer corpus's frequent tokens): the sampled data alone is too small to rank a long tail
+        ids = set(training.frequent_token_ids([r["response_ids"] for r in train_recs], a.head_vocab // 2))
+        low = 0
+        while len(ids) < a.head_vocab:
+            ids.add(low)
+            low += 1
+        draft = training.trim_vocab(draft, ids)
+        keep = set(draft.config.head_token_ids)
+        held_tokens = [t for r in held for t in r["response_ids"]]
+        coverage = sum(t in keep for t in held_tokens) / max(len(held_tokens), 1)
+        print(f"draft head trimmed to {len(keep)} tokens: they cover {coverage:.4f} of the held-out response "
+              "tokens", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for name, recs in (("train", train_recs), ("held", held)):
@@ -148,9 +175,13 @@ def main():
             with open(paths[name], "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in recs)
         held_data = training.build_dataset(paths["held"], "sft", target.tokenizer, target.config.vocab_size)
-        train_data = training.build_dataset(paths["train"], "sft", target.tokenizer, target.config.vocab_size)
+        # training-set acceptance on a fixed sample of at most 96 examples (enough to show over-fitting)
+        sub = os.path.join(tmp, "train_sample.jsonl")
+        with open(sub, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in train_recs[:: max(1, len(train_recs) // 96)][:96])
+        train_sample = training.build_dataset(sub, "sft", target.tokenizer, target.config.vocab_size)
         before = acceptance(target, draft, held_data)
-        before_train = acceptance(target, draft, train_data)
+        before_train = acceptance(target, draft, train_sample)
         print(f"draft layers {a.layers}: acceptance before distillation {before:.4f} (held out)", flush=True)
         res = training.train(training.TrainConfig(
             mode="distill", policy=draft, teacher=target, data=paths["train"], output=os.path.join(tmp, "run"),
@@ -160,11 +191,12 @@ def main():
         if a.save:
             res.lm.save(a.save, overwrite=True)
             print(f"wrote the distilled draft to {a.save}", flush=True)
-        after_train = acceptance(target, res.lm, train_data)
+        after_train = acceptance(target, res.lm, train_sample)
     print(f"acceptance after {a.steps} steps of {a.loss} distillation: {after:.4f} held out "
           f"(train {before_train:.4f} -> {after_train:.4f}); {time.perf_counter() - t0:.0f} s in all")
     record = {"command": " ".join(["python", *sys.argv]), "settings": vars(a),
               "draft_layers": training.parse_layers(a.layers), "train_examples": len(train_recs),
+              "head_vocab": len(draft.config.head_token_ids) or None, "held_out_head_coverage": coverage,
               "held_out_examples": len(held), "acceptance_before": before, "acceptance_after": after,
               "train_acceptance_before": before_train, "train_acceptance_after": after_train,
               "first_loss": res.metrics[0]["loss"], "last_loss": res.metrics[-1]["loss"],
