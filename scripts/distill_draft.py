@@ -155,13 +155,7 @@ def main():
         draft = training.make_draft(target, a.layers)
     coverage = None
     if a.head_vocab:
-        # half by frequency in the training responses, the rest the lowest ids (BPE ids rank merges, so low ids are
-        # the tokenizer corpus's frequent tokens): the sampled data alone is too small to rank a long tail
-        ids = set(training.frequent_token_ids([r["response_ids"] for r in train_recs], a.head_vocab // 2))
-        low = 0
-        while len(ids) < a.head_vocab:
-            ids.add(low)
-            low += 1
+        ids = training.draft_vocabulary([r["response_ids"] for r in train_recs], a.head_vocab)
         draft = training.trim_vocab(draft, ids)
         keep = set(draft.config.head_token_ids)
         held_tokens = [t for r in held for t in r["response_ids"]]

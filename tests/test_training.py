@@ -362,12 +362,17 @@ def test_frequent_token_ids_and_trimmed_head_training(tmp_path, policy):
     def acceptance(lm):
         return float(training.acceptance(t_logits[:, :-1], lm.logits(toks)[:, :-1], mask[:, 1:]))
 
-    res = training.train(TrainConfig(mode="distill", policy=draft, teacher=teacher, data=path,
-                                     output=str(tmp_path / "d"), steps=8, batch_size=4, learning_rate=3e-3,
-                                     progress=False, export=False))
+    # the trainer trims the student itself with head_vocab (draft_vocabulary of the data's responses)
+    want_ids = training.draft_vocabulary([r["response_ids"] for r in recs], 40)
+    assert len(want_ids) == 40 and set(training.frequent_token_ids([r["response_ids"] for r in recs], 20)) <= \
+        set(want_ids)
+    start = training.trim_vocab(training.make_draft(teacher, [0, 2]), want_ids)
+    res = training.train(TrainConfig(mode="distill", policy=teacher, init_layers="0,2", head_vocab=40,
+                                     teacher=teacher, data=path, output=str(tmp_path / "d"), steps=8, batch_size=4,
+                                     learning_rate=3e-3, progress=False, export=False))
     assert all(np.isfinite(m["loss"]) for m in res.metrics)
-    assert res.lm.config.head_token_ids == tuple(keep)
-    assert acceptance(res.lm) > acceptance(draft) + 0.02
+    assert res.lm.config.head_token_ids == tuple(want_ids)
+    assert acceptance(res.lm) > acceptance(start) + 0.02
     with pytest.raises(DataError, match="trimmed head .* cannot produce"):
         training.train(TrainConfig(mode="sft", policy=draft, data=path, output=str(tmp_path / "s"), steps=1,
                                    batch_size=4, progress=False, export=False))

@@ -7,7 +7,8 @@
 Losses follow SPEC.md section 8; the command line is `rss-jax train sft|distill|dpo` (training/cli.py).
 """
 from training.data import DataError, Dataset, ExampleStream, build_dataset, read_jsonl  # noqa: F401
-from training.draft import frequent_token_ids, make_draft, parse_layers, trim_vocab  # noqa: F401
+from training.draft import (draft_vocabulary, frequent_token_ids, make_draft, parse_layers,  # noqa: F401
+                            trim_vocab)
 from training.losses import (acceptance, distill_sum, dpo_loss, masked_ce_sum, sequence_logps,  # noqa: F401
                              token_logps)
 from training.trainer import (TrainConfig, TrainResult, check_same_vocabulary, lr_schedule,  # noqa: F401

@@ -65,6 +65,18 @@ def frequent_token_ids(sequences, size: int, always=()) -> list[int]:
     return sorted(keep)
 
 
+def draft_vocabulary(sequences, size: int, always=()) -> list[int]:
+    """A trimmed head's vocabulary from sample text: half the ids by frequency in `sequences`, the rest the lowest
+    ids not yet taken (BPE tokenizers number tokens in merge order, so low ids are the frequent tokens of the
+    tokenizer's own corpus: a small sample alone ranks the long tail badly), plus `always`."""
+    ids = set(frequent_token_ids(sequences, max(1, int(size) // 2), always))
+    low = 0
+    while len(ids) < int(size):
+        ids.add(low)
+        low += 1
+    return sorted(ids)
+
+
 def trim_vocab(lm: LM, token_ids) -> LM:
     """A copy of `lm` whose output head scores only `token_ids` (plus the model's EOS ids, always kept so that
     generation can stop): the head's rows are the corresponding rows of the current head; every other token gets

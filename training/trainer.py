@@ -26,7 +26,7 @@ import rss_jax
 from rss_jax.lm import LM, from_params
 from training import checkpoint as ckpt
 from training.data import Dataset, DataError, ExampleStream, build_dataset
-from training.draft import make_draft
+from training.draft import draft_vocabulary, make_draft, trim_vocab
 from training.losses import LOSS_TYPES, distill_sum, dpo_loss, masked_ce_sum, sequence_logps
 
 MODES = ("sft", "distill", "dpo")
@@ -69,6 +69,8 @@ class TrainConfig:
     chat: bool = True
     shuffle: bool = True
     init_layers: object = None        # e.g. "0-7,29": start from make_draft(policy, layers)
+    head_vocab: int | None = None     # distill: trim the student's head to this many tokens (draft_vocabulary of the
+                                      # data's response tokens) before training
     export: bool = True               # write <output>/final at the end of the run
     progress: bool = True
 
@@ -292,12 +294,16 @@ def _fingerprint(cfg: TrainConfig, data: Dataset, warmup: int) -> dict:
             "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "beta": cfg.beta,
             "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing,
             "reference_mode": cfg.reference_mode, "distill_loss": cfg.distill_loss, "ce_weight": cfg.ce_weight,
-            "compute_dtype": cfg.compute_dtype, "shuffle": cfg.shuffle}
+            "compute_dtype": cfg.compute_dtype, "shuffle": cfg.shuffle, "head_vocab": cfg.head_vocab}
 
 
 def validate(cfg: TrainConfig):
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.head_vocab is not None and (cfg.mode != "distill" or int(cfg.head_vocab) < 1):
+        raise ValueError(f"--head-vocab must be a positive token count and is for distillation only (the student "
+                         f"learns every token of the teacher it can emit), got {cfg.head_vocab!r} in mode "
+                         f"{cfg.mode!r}")
     if cfg.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {cfg.steps}")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
@@ -350,6 +356,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     pad_id = policy.config.pad_token_id if policy.config.pad_token_id is not None else 0
     data = build_dataset(cfg.data, "dpo" if cfg.mode == "dpo" else "sft", tok, policy.config.vocab_size,
                          cfg.max_length, cfg.chat, pad_id=pad_id)
+    if cfg.head_vocab:
+        responses = [row[m.astype(bool)] for row, m in zip(data.tokens[:, 0], data.loss_mask[:, 0])]
+        policy = trim_vocab(policy, draft_vocabulary(responses, cfg.head_vocab))
     if cfg.mode != "distill" or cfg.ce_weight:
         check_head_vocabulary(policy, data)
     per_step = cfg.batch_size * cfg.grad_accum
