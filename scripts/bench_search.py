@@ -4,9 +4,11 @@ the VADER sentiment reward, as in the Speculative Rejection paper's figure.
     .venv/bin/python scripts/bench_search.py
         # ~7 minutes on 2 CPU cores; writes results/bench_search.json and results/bench_search.png, prints a table
 
-BoN(n) runs once per n (n = 1, 2, ..., n_max) with all prompts in one batch; SpR runs from n_init = n_max rows per
-prompt with each alpha and decision points `--stops`. Wall-clock is decode + reward time (compiles excluded, every
-shape is compiled before it is timed) and is also given relative to BoN(1). The improvement score is the paper's
+BoN(n) runs once per n (n = 1, 2, 4, ..., n_max, or the sizes in `--bon-ns`) with all prompts in one batch; SpR
+runs from n_init = n_max rows per prompt with each alpha and decision points `--stops`, or with the explicit
+configurations of `--spr` ("n_init:stops:alpha;...", e.g. "128:4,16:0.875;128:8:0.75"). Wall-clock is decode +
+reward time (compiles excluded, every shape is compiled before it is timed; SpR's per-round times are in the JSON)
+and is also given relative to BoN(1). The improvement score is the paper's
 100 * (1 + mean_p (best_p - best_ref_p) / (max_ref_p - min_ref_p)) with BoN(n_max) as the reference (= 100).
 """
 from __future__ import annotations
@@ -20,17 +22,31 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-PROMPTS = ["Describe what you did this morning.", "Write two sentences about the weather today.",
-           "Tell me about your neighbour's dog.", "What do you think of Mondays?"]
+PROMPT_SETS = {
+    # short answers (the first runs in docs/benchmarks.md)
+    "short": ["Describe what you did this morning.", "Write two sentences about the weather today.",
+              "Tell me about your neighbour's dog.", "What do you think of Mondays?"],
+    # open prompts whose answers mostly fill 128 tokens and whose sentiment varies from sample to sample: picked by
+    # hand, before any SpR run, from a probe of 8 prompts x 8 samples of 128 tokens (seed 5)
+    "open": ["Tell me about your commute to work.", "Write a paragraph about a rainy day in the city.",
+             "Tell me a short story about a lost cat.", "Describe waiting for a delayed flight at the airport.",
+             "Write a short review of the last restaurant you visited.", "What do you think of Mondays?"],
+}
+PROMPTS = PROMPT_SETS["short"]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--prompts", type=int, default=2, help="how many of the built-in prompts")
+    p.add_argument("--prompt-set", default="short", choices=sorted(PROMPT_SETS))
+    p.add_argument("--prompts", type=int, default=2, help="how many prompts of the set")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--n-max", type=int, default=128)
+    p.add_argument("--bon-ns", default=None, help="BoN sizes to run, e.g. 1,4,16,64 (default: powers of two up to "
+                   "--n-max; --n-max is always run, it is the reference)")
     p.add_argument("--n-init", type=int, default=None, help="SpR's initial population (default: --n-max)")
+    p.add_argument("--spr", default=None, help="SpR configurations n_init:stops:alpha separated by ';' (instead of "
+                   "--n-init/--stops/--alphas)")
     p.add_argument("--alphas", default="0.5,0.75,0.9")
     p.add_argument("--stops", default="4,8,16")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -46,13 +62,15 @@ def main():
     t0 = time.perf_counter()
     lm = rj.load(a.model)
     reward = rj.rewards.vader_reward(lm.tokenizer)
-    prompts = PROMPTS[: a.prompts]
+    prompts = PROMPT_SETS[a.prompt_set][: a.prompts]
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
     print(f"loaded {a.model} in {time.perf_counter() - t0:.1f}s; {len(prompts)} prompts, {a.max_new_tokens} new "
           f"tokens, T={a.temperature}", flush=True)
 
     rows = []
     ns = [1 << k for k in range(a.n_max.bit_length()) if (1 << k) <= a.n_max]
+    if a.bon_ns:
+        ns = sorted({int(x) for x in a.bon_ns.split(",") if int(x) <= a.n_max} | {a.n_max})
     bon = {}
     for n in ns:
         out = rj.best_of_n(lm, prompts, reward, n=n, **kw)  # wall_s excludes the compile (compile_s)
@@ -64,20 +82,25 @@ def main():
                          generated_tokens=out.stats["generated_tokens"], rm_tokens=out.stats["rm_tokens"]))
         print(f"  bon n={n:4d}  reward {rows[-1]['reward']:+.4f}  wall {out.stats['wall_s']:7.2f}s", flush=True)
     ref = bon[ns[-1]]
-    stops = [int(s) for s in a.stops.split(",")]
-    n_init = a.n_init or ns[-1]
-    for alpha in [float(x) for x in a.alphas.split(",")]:
+    if a.spr:
+        configs = [(int(c.split(":")[0]), [int(x) for x in c.split(":")[1].split(",")], float(c.split(":")[2]))
+                   for c in a.spr.split(";")]
+    else:
+        configs = [(a.n_init or ns[-1], [int(s) for s in a.stops.split(",")], float(x)) for x in a.alphas.split(",")]
+    for n_init, stops, alpha in configs:
         out = rj.speculative_rejection(lm, prompts, reward, alpha=alpha, n_init=n_init, stops=stops,
-                                       reference=ref, **kw)
+                                       reference=ref if n_init <= ref.candidate_scores.shape[1] else None, **kw)
         comp = out.stats["compile_s"]
         rows.append(dict(method="spr", n=n_init, alpha=alpha, reward=float(np.mean(out.scores)),
                          scores=out.scores.tolist(),
                          wall_s=out.stats["wall_s"], compile_s=comp, generated_tokens=out.stats["generated_tokens"],
                          rm_tokens=out.stats["rm_tokens"], schedule=out.stats["schedule"],
-                         stops=out.stats["stops"], cutoffs=out.stats["cutoffs"],
-                         bon_best_survived=out.stats["bon_best_survived"]))
-        print(f"  spr a={alpha:.2f}  reward {rows[-1]['reward']:+.4f}  wall {out.stats['wall_s']:7.2f}s  "
-              f"schedule {out.stats['schedule']}", flush=True)
+                         stops=out.stats["stops"], cutoffs=out.stats["cutoffs"], round_s=out.stats["round_s"],
+                         reward_s=out.stats["reward_s"],
+                         bon_best_survived=out.stats.get("bon_best_survived")))
+        print(f"  spr n_init={n_init} a={alpha:.4g} stops={stops}  reward {rows[-1]['reward']:+.4f}  wall "
+              f"{out.stats['wall_s']:7.2f}s  schedule {out.stats['schedule']}  rounds "
+              f"{[round(x, 2) for x in out.stats['round_s']]}", flush=True)
     base = rows[0]["wall_s"]
     for r in rows:
         r["relative_wall"] = r["wall_s"] / base
@@ -89,11 +112,14 @@ def main():
         for r in rows:
             if r["method"] == "spr" and r["reward"] >= b["reward"]:
                 goal.append(dict(bon_n=n, alpha=r["alpha"], speedup=b["wall_s"] / r["wall_s"]))
-    print(f"\n{'method':8s} {'n':>5s} {'alpha':>6s} {'reward':>8s} {'improv':>7s} {'wall_s':>8s} {'rel':>7s} "
-          f"{'tokens':>7s}")
+    ref_wall = next(r for r in rows if r["method"] == "bon" and r["n"] == ns[-1])["wall_s"]
+    print(f"\n{'method':8s} {'n':>5s} {'alpha':>6s} {'stops':>9s} {'reward':>8s} {'improv':>7s} {'wall_s':>8s} "
+          f"{'rel':>7s} {f'vs{ns[-1]}':>6s} {'tokens':>7s}")
     for r in rows:
-        print(f"{r['method']:8s} {r['n']:5d} {'' if r['alpha'] is None else r['alpha']:>6} {r['reward']:+8.4f} "
-              f"{r['improvement']:7.1f} {r['wall_s']:8.2f} {r['relative_wall']:7.2f} {r['generated_tokens']:7d}")
+        st = "" if r["method"] == "bon" else ",".join(map(str, r["stops"][:-1]))
+        print(f"{r['method']:8s} {r['n']:5d} {'' if r['alpha'] is None else r['alpha']:>6} {st:>9s} "
+              f"{r['reward']:+8.4f} {r['improvement']:7.1f} {r['wall_s']:8.2f} {r['relative_wall']:7.2f} "
+              f"{ref_wall / r['wall_s']:5.2f}x {r['generated_tokens']:7d}")
     print("SpR reaching BoN(n>=64)'s reward:", goal or "none")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     res = dict(args=vars(a), prompts=prompts, rows=rows, goal=goal, total_s=time.perf_counter() - t0,
@@ -109,9 +135,10 @@ def main():
     for r in b:
         ax.annotate(f"{r['n']}", (r["relative_wall"], r["reward"]), fontsize=7)
     s = [r for r in rows if r["method"] == "spr"]
-    ax.plot([r["relative_wall"] for r in s], [r["reward"] for r in s], "s", label=f"SpR (n_init={n_init})")
+    ax.plot([r["relative_wall"] for r in s], [r["reward"] for r in s], "s", label="SpR")
     for r in s:
-        ax.annotate(f"a={r['alpha']}", (r["relative_wall"], r["reward"]), fontsize=7)
+        ax.annotate(f"{r['n']}/a={r['alpha']}/{','.join(map(str, r['stops'][:-1]))}", (r["relative_wall"],
+                    r["reward"]), fontsize=6)
     ax.set_xscale("log")
     ax.set_xlabel("wall-clock relative to BoN(1) (log)")
     ax.set_ylabel("mean VADER reward of the answer")

@@ -91,7 +91,8 @@ def run_population(lm, prompt_ids, cfg: SamplerConfig, reward, sizes, stops, see
     final = np.zeros((bsz, n0), bool)
     rows = np.tile(np.arange(n0), (bsz, 1))  # row index of each slot, [B, n_r]
     stats = {"schedule": list(sizes), "stops": list(stops), "cutoffs": [], "compile_s": 0.0, "decode_s": 0.0,
-             "reward_s": 0.0, "rm_tokens": 0, "reward_calls": 0, "decode_slots": 0, "rounds": len(sizes)}
+             "reward_s": 0.0, "rm_tokens": 0, "reward_calls": 0, "decode_slots": 0, "rounds": len(sizes),
+             "round_s": []}
 
     def score(idx_b, idx_i):
         t0 = time.perf_counter()
@@ -116,6 +117,7 @@ def run_population(lm, prompt_ids, cfg: SamplerConfig, reward, sizes, stops, see
                 jnp.asarray(start, jnp.int32), stop_a)
         stats["compile_s"] += c_s
         stats["decode_s"] += run_s
+        stats["round_s"].append(run_s)
         stats["decode_slots"] += bsz * n_r * (stop - start + (1 if r == 0 else 0))
         out, done = np.asarray(decode_state[3]).reshape(bsz, n_r, nmax), np.asarray(decode_state[4])
         done = done.reshape(bsz, n_r) | (r == len(sizes) - 1)  # the last round's budget ends every row
