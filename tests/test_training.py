@@ -373,6 +373,14 @@ def test_frequent_token_ids_and_trimmed_head_training(tmp_path, policy):
     assert all(np.isfinite(m["loss"]) for m in res.metrics)
     assert res.lm.config.head_token_ids == tuple(want_ids)
     assert acceptance(res.lm) > acceptance(start) + 0.02
+    # DPO of a trimmed policy: responses inside its head, prompts (masked out) full of ids it cannot produce
+    pairs = [{"prompt_ids": [1, 3, 5, 7][: 2 + i % 3], "chosen_ids": [4, 6, 8][: 1 + i % 3],
+              "rejected_ids": [20, 22, 24, 26][: 1 + (i + 1) % 4]} for i in range(8)]
+    dpo = training.train(TrainConfig(mode="dpo", policy=draft, data=write_jsonl(tmp_path / "p.jsonl", pairs),
+                                     output=str(tmp_path / "dpo"), steps=4, batch_size=4, learning_rate=1e-2,
+                                     progress=False, export=False))
+    assert all(np.isfinite(m["loss"]) for m in dpo.metrics)
+    assert dpo.metrics[-1]["margin"] > dpo.metrics[0]["margin"]
     with pytest.raises(DataError, match="trimmed head .* cannot produce"):
         training.train(TrainConfig(mode="sft", policy=draft, data=path, output=str(tmp_path / "s"), steps=1,
                                    batch_size=4, progress=False, export=False))

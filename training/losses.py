@@ -59,12 +59,13 @@ def token_logps(logits, tokens):
 
 def sequence_logps(logits, tokens, loss_mask):
     """Summed log-prob of the response tokens of each row: [B, T, V], [B, T], [B, T] -> [B] float32."""
-    return jnp.sum(token_logps(logits, tokens) * loss_mask[:, 1:].astype(jnp.float32), axis=-1)
+    # where, not a product: a trimmed-head policy gives -inf to prompt tokens outside its head, and -inf * 0 = NaN
+    return jnp.sum(jnp.where(loss_mask[:, 1:] > 0, token_logps(logits, tokens), 0.0), axis=-1)
 
 
 def masked_ce_sum(logits, tokens, loss_mask):
     """Summed next-token cross-entropy over response tokens (divide by the token count for the mean)."""
-    return -jnp.sum(token_logps(logits, tokens) * loss_mask[:, 1:].astype(jnp.float32))
+    return -jnp.sum(jnp.where(loss_mask[:, 1:] > 0, token_logps(logits, tokens), 0.0))
 
 
 def distill_sum(student_logits, teacher_logits, loss_mask, kind: str = "kl"):
