@@ -569,6 +569,22 @@ def test_top_p_matches_oracle(p):
     _assert_same_filter(sampling.top_p_filter(jnp.asarray(x), p), np_top_p(x, p))
 
 
+@pytest.mark.parametrize("p", [0.3, 0.9, 0.99])
+def test_top_p_and_top_k_on_a_large_vocabulary(p):
+    """V = 1200 > 2 x 256 candidates: peaked rows (the nucleus lies inside the 256 largest: the fast path), flat rows
+    (it does not: the whole row is sorted) and rows with ties at the boundary all equal the NumPy oracle."""
+    rng = np.random.default_rng(3)
+    peaked = rng.normal(size=(6, 1200)) * 4.0
+    flat = rng.normal(size=(6, 1200)) * 0.3
+    ties = np.round(rng.normal(size=(6, 1200)) * 2.0)  # many equal logits
+    for x in (peaked, flat, ties, np.concatenate([peaked, flat])):
+        x = x.astype(np.float32)
+        _assert_same_filter(sampling.top_p_filter(jnp.asarray(x), p), np_top_p(x, p))
+    x = ties.astype(np.float32)
+    for k in (1, 40, 300):
+        _assert_same_filter(sampling.top_k_filter(jnp.asarray(x), k), np_top_k(x, k))
+
+
 def test_top_p_ties_are_deterministic():
     x = jnp.asarray([[1.0, 2.0, 2.0, 2.0, 0.0]])  # three tied top tokens, each ~0.3 of the mass
     got = np.asarray(sampling.top_p_filter(x, 0.5))
