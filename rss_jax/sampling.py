@@ -246,6 +246,20 @@ def sample_token(key: jax.Array, logits: jax.Array, temperature, top_k: Optional
     return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
 
+def sample_rows(keys: jax.Array, logits: jax.Array, temperature, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, min_p: Optional[float] = None) -> jax.Array:
+    """`sample_token` row by row with one key per row: keys [B], logits [B, V] -> int32 [B], the same draws.
+
+    The filters run once on the whole batch, outside the vmap, so that top_p's shortcut (a lax.cond on whether
+    every row's nucleus lies in its 256 largest logits) stays a branch: under vmap a cond runs both sides.
+    """
+    if _is_static_zero(temperature):
+        validate_sampling_args(temperature, top_k, top_p, min_p)
+        return jnp.argmax(jnp.asarray(logits, _F32), axis=-1).astype(jnp.int32)
+    x = process_logits(logits, temperature, top_k, top_p, min_p)
+    return jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1))(keys, x).astype(jnp.int32)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Safe log-space arithmetic (no NaN when a probability is 0)
 # ----------------------------------------------------------------------------------------------------------------

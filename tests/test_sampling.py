@@ -665,3 +665,16 @@ def test_sample_token_frequencies(config):
     expected = np_softmax(np_process(SAMPLE_LOGITS, temperature, top_k, top_p, min_p))
     freq = _sample_frequencies(jax.random.key(9), jnp.asarray(SAMPLE_LOGITS), temperature, top_k, top_p, min_p)
     assert_freq(np.asarray(freq), expected, N, f"sample_token {config}")
+
+
+def test_sample_rows_equals_per_row_sample_token():
+    """The batched filter path (what the decoders use, so top_p's shortcut stays a real branch) draws exactly what
+    sample_token draws row by row with the same keys."""
+    rng = np.random.default_rng(9)
+    logits = jnp.asarray((rng.normal(size=(16, 1200)) * np.array([4.0, 0.3] * 8)[:, None]).astype(np.float32))
+    keys = jax.random.split(jax.random.key(3), 16)
+    for kw in ({"top_p": 0.9}, {"top_k": 40}, {"min_p": 0.05}, {}):
+        want = jax.vmap(lambda k, l: sampling.sample_token(k, l, 0.8, **kw))(keys, logits)
+        np.testing.assert_array_equal(np.asarray(sampling.sample_rows(keys, logits, 0.8, **kw)), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(sampling.sample_rows(keys, logits, 0.0)),
+                                  np.argmax(np.asarray(logits), -1))

@@ -33,8 +33,7 @@ class SamplerConfig:
         """keys [B] typed keys, logits [B, V] -> tokens [B] int32."""
         if self.vocab is not None and self.vocab < logits.shape[-1]:
             logits = logits[..., :self.vocab]
-        return jax.vmap(lambda k, l: sampling.sample_token(k, l, self.temperature, self.top_k, self.top_p,
-                                                           self.min_p))(keys, logits)
+        return sampling.sample_rows(keys, logits, self.temperature, self.top_k, self.top_p, self.min_p)
 
 
 def sampler_config(lm, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,

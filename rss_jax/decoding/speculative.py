@@ -103,8 +103,7 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
         # 1. draft K tokens
         def sample_draft(j, logits_j):
             step_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 2 + j))(keys)
-            return jax.vmap(lambda kk, ll: sampling.sample_token(kk, ll, cfg.temperature, cfg.draft_top_k,
-                                                                 cfg.draft_top_p))(step_keys, logits_j)
+            return sampling.sample_rows(step_keys, logits_j, cfg.temperature, cfg.draft_top_k, cfg.draft_top_p)
 
         def draft_step(dc, j):
             c_d, x = dc
