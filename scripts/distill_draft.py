@@ -195,9 +195,7 @@ def main():
               "train_acceptance_before": before_train, "train_acceptance_after": after_train,
               "first_loss": res.metrics[0]["loss"], "last_loss": res.metrics[-1]["loss"],
               "wall_s": time.perf_counter() - t0}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(record, f, indent=1)
+    write_json(a.out, record)
     print(f"wrote {a.out}")
 
 

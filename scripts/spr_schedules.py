@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -309,9 +308,8 @@ def main():
                              real_scores=np.asarray(out.scores).tolist(), replay_scores=r["score"])
         if not all(check.values()):
             print("VERIFY FAILED")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    from rss_jax.report import write_json
+    write_json(a.out, res)  # atomic: temporary file, then rename
     print(f"wrote {a.out}")
 
 

@@ -303,6 +303,16 @@ def test_stop_and_resume_is_bit_for_bit(tmp_path, policy_dir, pairs_file):
     assert run_train(cli_args([*base[:8], "5", *base[9:], "--output", part, "--resume"])) == 2
 
 
+def distill_data(tmp_path, seed):
+    """8 random prompt/response records in a JSONL file: (records, path, tokens [8, T], loss mask [8, T])."""
+    rng = np.random.default_rng(seed)
+    recs = [{"prompt_ids": rng.integers(1, V, 4).tolist(), "response_ids": rng.integers(1, V, 12).tolist()}
+            for _ in range(8)]
+    path = write_jsonl(tmp_path / "distill.jsonl", recs)
+    data = training.build_dataset(path, "sft", None, V)
+    return recs, path, jnp.asarray(data.tokens[:, 0]), jnp.asarray(data.loss_mask[:, 0])
+
+
 def test_distill_tv_and_make_draft(tmp_path, policy):
     # a teacher with peaked distributions (weights x6), so that a truncated draft has something to learn
     teacher = from_params(TINY, {k: np.asarray(v) * (1 if "norm" in k else 6) for k, v in policy.params().items()})
@@ -314,12 +324,7 @@ def test_distill_tv_and_make_draft(tmp_path, policy):
                                   np.asarray(teacher.params()["embed_tokens"]))
     with pytest.raises(ValueError, match="outside"):
         training.make_draft(teacher, layers=[3])
-    rng = np.random.default_rng(5)
-    recs = [{"prompt_ids": rng.integers(1, V, 4).tolist(), "response_ids": rng.integers(1, V, 12).tolist()}
-            for _ in range(8)]
-    path = write_jsonl(tmp_path / "distill.jsonl", recs)
-    data = training.build_dataset(path, "sft", None, V)
-    toks, mask = jnp.asarray(data.tokens[:, 0]), jnp.asarray(data.loss_mask[:, 0])
+    recs, path, toks, mask = distill_data(tmp_path, 5)
 
     def acceptance(lm):
         return float(training.acceptance(teacher.logits(toks)[:, :-1], lm.logits(toks)[:, :-1], mask[:, 1:]))
@@ -343,12 +348,7 @@ def test_frequent_token_ids_and_trimmed_head_training(tmp_path, policy):
     keep = list(range(0, V, 2))  # every even id
     draft = training.trim_vocab(training.make_draft(teacher, [0, 2]), keep)
     assert draft.config.head_token_ids == tuple(keep)
-    rng = np.random.default_rng(7)
-    recs = [{"prompt_ids": rng.integers(1, V, 4).tolist(), "response_ids": rng.integers(1, V, 12).tolist()}
-            for _ in range(8)]
-    path = write_jsonl(tmp_path / "distill.jsonl", recs)
-    data = training.build_dataset(path, "sft", None, V)
-    toks, mask = jnp.asarray(data.tokens[:, 0]), jnp.asarray(data.loss_mask[:, 0])
+    recs, path, toks, mask = distill_data(tmp_path, 7)
     t_logits, d_logits = teacher.logits(toks), draft.logits(toks)
     loss = float(training.distill_sum(d_logits, t_logits, mask, "kl"))
     # NumPy oracle: KL(teacher restricted to the even ids and renormalised || student) summed over response positions
