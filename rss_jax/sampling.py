@@ -401,8 +401,9 @@ def _check_mode(mode) -> None:
         raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}; got {mode!r}")
 
 
-def _paper_row(key, draft, log_ref, log_r, log_sft, lt, ld, ls, temperature, shift, filters):
-    """One row of the paper rule: draft [K]; the log-probs and raw logits are [K+1, V]."""
+def _paper_row(key, draft, log_ref, log_r, log_sft, tilde, shift):
+    """One row of the paper rule: draft [K]; the log-probs and the filtered exact-target logits `tilde` (the
+    fallback and bonus distribution p~, processed on the whole batch outside the vmap) are [K+1, V]."""
     k_acc, k_out = _row_keys(key)
     n_draft = draft.shape[0]
     # log of the paper's unnormalised target pi_ref * (pi_r / pi_sft)^shift, [K+1, V]
@@ -425,7 +426,7 @@ def _paper_row(key, draft, log_ref, log_r, log_sft, lt, ld, ls, temperature, shi
     empty = rejected & jnp.all(log_res == _NEG_INF)
     use_residual = rejected & ~empty
     # fallback after an empty residual and the bonus after a full accept are both row a of the exact target p~
-    tilde_a = process_logits(shifted_logits(lt[a], ld[a], ls[a], shift), temperature, *filters)
+    tilde_a = tilde[a]
     log_res = log_res - jnp.max(jnp.where(use_residual, log_res, 0.0))
     tok = jax.random.categorical(k_out, jnp.where(use_residual, log_res, tilde_a))
     return a, tok.astype(jnp.int32), empty
@@ -478,12 +479,14 @@ def sss_verify_with_flags(keys: jax.Array, draft_tokens: jax.Array, q_probs: jax
     log_r = _tempered_log_probs(ld, temperature)
     if mode == "paper":
         log_sft = _tempered_log_probs(ls, temperature)
-        filters = (top_k, top_p, min_p)
+        # p~ for every row and position, filtered on the whole batch (outside the vmap, where top_p's shortcut is a
+        # branch rather than both sides of a select)
+        tilde = process_logits(shifted_logits(lt, ld, ls, shift), temperature, top_k, top_p, min_p)
 
-        def row(key, draft, l_ref, l_r, l_sft, t, d, s):
-            return _paper_row(key, draft, l_ref, l_r, l_sft, t, d, s, temperature, shift, filters)
+        def row(key, draft, l_ref, l_r, l_sft, t):
+            return _paper_row(key, draft, l_ref, l_r, l_sft, t, shift)
 
-        a, tok, empty = jax.vmap(row)(keys, draft_tokens, log_ref, log_r, log_sft, lt, ld, ls)
+        a, tok, empty = jax.vmap(row)(keys, draft_tokens, log_ref, log_r, log_sft, tilde)
     else:
 
         def row(key, draft, l_ref, l_r, t, d, s):

@@ -678,3 +678,20 @@ def test_sample_rows_equals_per_row_sample_token():
         np.testing.assert_array_equal(np.asarray(sampling.sample_rows(keys, logits, 0.8, **kw)), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(sampling.sample_rows(keys, logits, 0.0)),
                                   np.argmax(np.asarray(logits), -1))
+
+
+@pytest.mark.parametrize("filt", [{"top_k": 1}, {"top_p": 1e-6}])
+def test_paper_bonus_uses_the_filtered_exact_target(filt):
+    """paper mode: drafts with pi_ref > pi_sft are always accepted, so the bonus is drawn from row K of the
+    filtered p~; a filter that keeps one token makes it the argmax of l_ref + l_r - l_sft, whatever the key."""
+    rng = np.random.default_rng(11)
+    b, k, v = 64, 2, 1200
+    lt, ld, ls = (rng.normal(size=(b, k + 1, v)).astype(np.float32) for _ in range(3))
+    draft = rng.integers(0, v, size=(b, k))
+    rows, pos = np.arange(b)[:, None], np.arange(k)[None, :]
+    lt[rows, pos, draft] += 8.0  # pi_ref(d) >> pi_sft(d): min(1, pi_ref / pi_sft) = 1
+    keys = jax.random.split(jax.random.key(0), b)
+    q = jnp.zeros((b, k, v), jnp.float32)  # unused by the paper rule
+    a, tok = sampling.sss_verify(keys, jnp.asarray(draft), q, lt, ld, ls, "paper", 1.0, **filt)
+    assert (np.asarray(a) == k).all()
+    np.testing.assert_array_equal(np.asarray(tok), np.argmax((lt + ld - ls)[:, k], axis=-1))
