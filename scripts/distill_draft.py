@@ -51,8 +51,7 @@ MORE_FORMS = ("Summarise in two sentences why people care about {}.", "Answer br
 
 
 def prompts(more: bool = False) -> list[str]:
-    """The instruction set: 160 prompts, or 160 + 460 with `more` (the original 160 first, so held-out splits of
-    the short set stay held out)."""
+    """The instruction set: 160 prompts, or 160 + 400 with `more` (the original 160 first)."""
     base = [f.format(t) for t in TOPICS for f in FORMS]
     if not more:
         return base
@@ -94,9 +93,12 @@ def cached_records(lm, texts, a):
     return records
 
 
+_FWD = jax.jit(training.model_logits, static_argnums=0)  # one wrapper, so every acceptance() call reuses its compiles
+
+
 def acceptance(target, draft, data: training.Dataset, batch=8) -> float:
     total, count = 0.0, 0.0
-    fwd = jax.jit(training.model_logits, static_argnums=0)
+    fwd = _FWD
     for s in range(0, len(data), batch):
         toks = jnp.asarray(data.tokens[s:s + batch, 0])
         mask = jnp.asarray(data.loss_mask[s:s + batch, 0, 1:])
@@ -118,13 +120,14 @@ def main():
     ap.add_argument("--loss", choices=("kl", "tv"), default="kl")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--held-out", type=int, default=16, help="prompts kept out of training")
-    ap.add_argument("--more-prompts", action="store_true", help="620 instructions instead of 160")
+    ap.add_argument("--more-prompts", action="store_true", help="560 instructions instead of 160")
     ap.add_argument("--responses-per-prompt", type=int, default=1)
     ap.add_argument("--sample-batch", type=int, default=16, help="rows per sampling call")
     ap.add_argument("--data-cache", default=None, metavar="FILE",
                     help="JSON file for the target's samples: reused when it matches the settings, else written")
     ap.add_argument("--head-vocab", type=int, default=0, metavar="N",
-                    help="trim the draft's output head to the N most frequent response tokens (+ EOS); 0 = full")
+                    help="trim the draft's output head to N tokens (training.draft_vocabulary of the training "
+                    "responses, + EOS); 0 = full")
     ap.add_argument("--init", default=None, metavar="DIR", help="start from this draft instead of --layers")
     ap.add_argument("--samples-only", action="store_true", help="only sample (fill --data-cache) and stop")
     ap.add_argument("--seed", type=int, default=0)

@@ -66,8 +66,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                            help="KL(teacher||policy) or total variation (1 - TV = speculative acceptance)")
             p.add_argument("--ce-weight", type=float, default=0.0, help="weight of the response cross-entropy added")
             p.add_argument("--head-vocab", type=int, default=None, metavar="N",
-                           help="trim the student's output head to N tokens (the data's frequent response tokens, "
-                           "+ EOS): a cheaper draft step")
+                           help="trim the student's output head to N tokens (training.draft_vocabulary: half the data's "
+                           "most frequent response tokens, half the lowest ids, + EOS): a cheaper draft step")
         if mode == "dpo":
             p.add_argument("--reference", default=None, help="reference model (default: frozen copy of --policy)")
             p.add_argument("--beta", type=float, default=0.1)
