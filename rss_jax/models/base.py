@@ -20,12 +20,15 @@ class CausalLM(nnx.Module):
 
     config = None
 
-    def __call__(self, tokens, positions=None, cache: KVCache | None = None, lengths=None, return_hidden=False):
+    def __call__(self, tokens, positions=None, cache: KVCache | None = None, lengths=None, return_hidden=False,
+                 taps: tuple = ()):
         """tokens [B, T] int -> (logits [B, T, V] float32, cache).
 
         With a cache, the T tokens are written at slots lengths[b].. of each row and attend to everything before
         them; positions default to those slots. Without a cache it is the plain causal forward over tokens.
         With return_hidden=True the final hidden states [B, T, E] are returned instead of logits.
+        With `taps` (a static tuple of layer indices) a third output holds the residual stream after each of those
+        layers, [B, T, len(taps), E], from the same forward (what a feature-draft head reads).
         """
         if positions is None:
             positions = default_positions(tokens, lengths)
@@ -35,12 +38,24 @@ class CausalLM(nnx.Module):
             if lengths is None:
                 raise ValueError("a cached forward needs `lengths` [B], the number of valid slots in each row")
             ck, cv = cache.k, cache.v
-        h, ck, cv = self.layers_forward(h, positions, ck, cv, lengths)
+        if taps:
+            h, ck, cv, hs = self.layers_forward(h, positions, ck, cv, lengths, collect=True)
+            tapped = jnp.stack([hs[int(i)] for i in taps], axis=2)
+        else:
+            h, ck, cv = self.layers_forward(h, positions, ck, cv, lengths)
         h = self.final(h)
         new_cache = KVCache(k=ck, v=cv) if cache is not None else None
-        if return_hidden:
-            return h, new_cache
-        return self.unembed(h), new_cache
+        out = h if return_hidden else self.unembed(h)
+        return (out, new_cache, tapped) if taps else (out, new_cache)
+
+    def token_embeddings(self):
+        """The token embedding table [V, E] (what a feature-draft head embeds its input tokens with)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose a token embedding table")
+
+    def output_matrix(self):
+        """The output head as [V, E] rows (tied or untied), for feature-draft heads that score with it."""
+        w = self.head_weight()
+        return w.T if self.head_transposed else w
 
     def init_trimmed_head(self, config, rngs: nnx.Rngs, dtype):
         """Subclasses call this last in __init__: a config with `head_token_ids` gets its own output rows

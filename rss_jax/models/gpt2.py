@@ -43,7 +43,7 @@ class GPT2(CausalLM):
     def embed(self, tokens, positions):
         return jnp.take(self.wte.value, tokens, axis=0) + jnp.take(self.wpe.value, positions, axis=0)
 
-    def layers_forward(self, h, positions, cache_k, cache_v, lengths):
+    def layers_forward(self, h, positions, cache_k, cache_v, lengths, collect=False):
         cfg = self.config
         act = activation(cfg.activation)
         b, t, e = h.shape
@@ -61,10 +61,13 @@ class GPT2(CausalLM):
             h = h + jnp.einsum("btf,fe->bte", x, p["w_proj"]) + p["b_proj"]
             return h, ck, cv
 
-        return scan_layers(block, params_of(self.layers, LAYER_PARAMS), h, cache_k, cache_v)
+        return scan_layers(block, params_of(self.layers, LAYER_PARAMS), h, cache_k, cache_v, collect)
 
     def final(self, h):
         return layer_norm(h, self.ln_f_w.value, self.ln_f_b.value, self.config.norm_eps)
+
+    def token_embeddings(self):
+        return self.wte.value
 
     def head_weight(self):
         return self.wte.value

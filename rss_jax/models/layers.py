@@ -101,24 +101,26 @@ def attention(q, k, v, cache_k=None, cache_v=None, lengths=None):
     return out.reshape(b, t, h * d).astype(q.dtype), cache_k, cache_v
 
 
-def scan_layers(block, layer_params: dict, h, cache_k=None, cache_v=None):
+def scan_layers(block, layer_params: dict, h, cache_k=None, cache_v=None, collect: bool = False):
     """Run `block(params_l, h, ck_l, cv_l) -> (h, ck_l, cv_l)` over the stacked layers with one lax.scan, so that
-    compile time does not grow with depth. cache_k/cache_v are [L, B, S, KVH, D] or None (uncached forward)."""
+    compile time does not grow with depth. cache_k/cache_v are [L, B, S, KVH, D] or None (uncached forward).
+    Returns (h, cache_k, cache_v), plus with `collect` every layer's output residual stream [L, B, T, E] (the
+    taps a feature draft reads; the same forward, no second pass)."""
     if cache_k is None:
         def body(h, p):
             h, _, _ = block(p, h, None, None)
-            return h, None
-        h, _ = jax.lax.scan(body, h, layer_params)
-        return h, None, None
+            return h, (h if collect else None)
+        h, hs = jax.lax.scan(body, h, layer_params)
+        return (h, None, None, hs) if collect else (h, None, None)
 
     # the cache travels as scanned input and output: each layer reads and writes only its own slice
     def body(h, xs):
         p, ck, cv = xs
         h, ck, cv = block(p, h, ck, cv)
-        return h, (ck, cv)
+        return h, (ck, cv, h if collect else None)
 
-    h, (cache_k, cache_v) = jax.lax.scan(body, h, (layer_params, cache_k, cache_v))
-    return h, cache_k, cache_v
+    h, (cache_k, cache_v, hs) = jax.lax.scan(body, h, (layer_params, cache_k, cache_v))
+    return (h, cache_k, cache_v, hs) if collect else (h, cache_k, cache_v)
 
 
 def default_positions(tokens, lengths):

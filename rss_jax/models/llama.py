@@ -48,7 +48,7 @@ class Llama(CausalLM):
     def embed(self, tokens, positions):
         return jnp.take(self.embed_tokens.value, tokens, axis=0)
 
-    def layers_forward(self, h, positions, cache_k, cache_v, lengths):
+    def layers_forward(self, h, positions, cache_k, cache_v, lengths, collect=False):
         cfg = self.config
         inv_freq = rope_inv_freq(cfg)
         act = activation(cfg.activation)
@@ -75,10 +75,13 @@ class Llama(CausalLM):
                 h = h + jnp.einsum("btf,fe->bte", gate * up, p["w_down"])
             return h, ck, cv
 
-        return scan_layers(block, params_of(self.layers, LAYER_PARAMS), h, cache_k, cache_v)
+        return scan_layers(block, params_of(self.layers, LAYER_PARAMS), h, cache_k, cache_v, collect)
 
     def final(self, h):
         return rms_norm(h, self.norm.value, self.config.norm_eps)
+
+    def token_embeddings(self):
+        return self.embed_tokens.value
 
     def head_weight(self):
         return self.embed_tokens.value if self.config.tie_word_embeddings else self.lm_head.value

@@ -51,7 +51,7 @@ class OPT(CausalLM):
         pos = jnp.take(self.embed_positions.value, positions + self.config.position_offset, axis=0)
         return h + pos
 
-    def layers_forward(self, h, positions, cache_k, cache_v, lengths):
+    def layers_forward(self, h, positions, cache_k, cache_v, lengths, collect=False):
         cfg = self.config
         act = activation(cfg.activation)
         b, t, e = h.shape
@@ -73,7 +73,7 @@ class OPT(CausalLM):
                 h = layer_norm(h, p["mlp_ln_w"], p["mlp_ln_b"], eps)
             return h, ck, cv
 
-        return scan_layers(block, params_of(self.layers, LAYER_PARAMS), h, cache_k, cache_v)
+        return scan_layers(block, params_of(self.layers, LAYER_PARAMS), h, cache_k, cache_v, collect)
 
     def final(self, h):
         if self.config.final_layer_norm:
@@ -81,6 +81,9 @@ class OPT(CausalLM):
         if self.config.word_embed_proj_dim:
             h = jnp.einsum("bte,ew->btw", h, self.project_out.value)
         return h
+
+    def token_embeddings(self):
+        return self.embed_tokens.value
 
     def head_weight(self):
         return self.embed_tokens.value

@@ -1,0 +1,166 @@
+"""Feature-draft heads as loadable objects: make one for a target, save it, load it (`rss_jax.load` reads them).
+
+A saved head is a folder with `rss_jax.json` (format, kind "feature_head", the HeadConfig naming its target) and
+`head.safetensors` (only the head's own weights: the token embeddings and output rows are the target's). The folder
+is written under a temporary name and renamed, so an interrupted save leaves nothing that looks like a head.
+
+    head = rss_jax.heads.new_head(lm, taps=(2, 15, 27), token_ids=ids)   # warm start from the target's last layer
+    head.save("my-head")
+    head = rss_jax.load("my-head")                                        # a FeatureDraft
+    out = rss_jax.generate(lm, prompts, method="sd", draft=head)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rss_jax.loading.names import CheckpointError, flatten, unflatten
+from rss_jax.loading.orbax_io import MARKER, atomic_folder
+from rss_jax.models.feature_head import HeadConfig, HeadTargetMismatch, abstract_head, init_head, num_params
+
+WEIGHTS = "head.safetensors"
+KIND = "feature_head"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class FeatureDraft:
+    """A feature-draft head: `config` (HeadConfig), NNX `graphdef` + `state`. It drafts for the target named by
+    `config.target` and takes that target's embeddings and output rows at decode time."""
+    config: HeadConfig
+    graphdef: object
+    state: object
+    source: str = ""
+    dtype: str = "float32"
+    tokenizer: object = None  # heads share their target's tokenizer; they carry none
+    is_feature_head = True
+
+    @property
+    def module(self):
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.target_vocab_size
+
+    @property
+    def num_params(self) -> int:
+        return num_params(self.config)
+
+    def params(self) -> dict:
+        return flatten(nnx.to_pure_dict(self.state))
+
+    def check_target(self, lm) -> None:
+        """Raise HeadTargetMismatch when `lm` is not the target this head was made for."""
+        self.config.check_target(lm.config, what=f"the target {getattr(lm, 'source', '')!r}")
+
+    def save(self, path: str, overwrite: bool = False, dtype: str = "float32") -> str:
+        """Write the head folder; `dtype` ("float32" or "float16") is the stored precision."""
+        from safetensors.numpy import save_file
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"a head is stored as float32 or float16, not {dtype!r}")
+        path = os.path.abspath(path)
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        flat = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype)) for k, v in self.params().items()}
+        with atomic_folder(path) as tmp:
+            save_file(flat, os.path.join(tmp, WEIGHTS))
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                json.dump({"format": 1, "kind": KIND, "config": self.config.to_json()}, f, indent=1)
+        return path
+
+    def __repr__(self):
+        c = self.config
+        return (f"FeatureDraft(taps={list(c.taps)}, vocab={len(c.token_ids)} of {c.target_vocab_size}, "
+                f"target={c.target_model_type or c.target_family} x{c.target_num_layers}, source={self.source!r})")
+
+
+def is_head_folder(path: str) -> bool:
+    marker = os.path.join(path, MARKER)
+    if not (os.path.isdir(path) and os.path.exists(marker)):
+        return False
+    try:
+        with open(marker) as f:
+            return json.load(f).get("kind") == KIND
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def from_flat(config: HeadConfig, flat: dict, dtype: str = "float32", source: str = "") -> FeatureDraft:
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    graphdef, abstract = nnx.split(abstract_head(config, _DTYPES[dtype]))
+    want = flatten(nnx.to_pure_dict(abstract))
+    missing = sorted(set(want) - set(flat))
+    extra = sorted(set(flat) - set(want))
+    if missing or extra:
+        raise CheckpointError(f"{source or 'head'}: weights do not match the head's description "
+                              f"(missing {missing[:4]}, unexpected {extra[:4]})")
+    for k, spec in want.items():
+        if tuple(np.shape(flat[k])) != tuple(spec.shape):
+            raise CheckpointError(f"{source or 'head'}: tensor {k!r} has shape {tuple(np.shape(flat[k]))}, the "
+                                  f"head's description says {tuple(spec.shape)}")
+    arrays = {k: jnp.asarray(np.asarray(v, np.float32), dtype=_DTYPES[dtype]) for k, v in flat.items()}
+    nnx.replace_by_pure_dict(abstract, unflatten(arrays))
+    return FeatureDraft(config=config, graphdef=graphdef, state=abstract, source=source, dtype=dtype)
+
+
+def load_head(path: str, dtype: str = "float32") -> FeatureDraft:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    marker = os.path.join(path, MARKER)
+    try:
+        with open(marker) as f:
+            meta = json.load(f)
+        config = HeadConfig.from_json(meta["config"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{marker}: corrupt feature-head description ({type(e).__name__}: {e})") from e
+    weights = os.path.join(path, WEIGHTS)
+    if not os.path.exists(weights):
+        raise CheckpointError(f"{path}: the head's weights {WEIGHTS} are missing; save the head again")
+    try:
+        flat = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({e}); save the head again") \
+            from e
+    return from_flat(config, flat, dtype=dtype, source=os.path.abspath(path))
+
+
+def new_head(target, taps=None, token_ids=None, seed: int = 0, warm_start: bool = True) -> FeatureDraft:
+    """A fresh head for `target` (an LM). taps: target layer indices (default: a low, a middle and a high layer);
+    token_ids: the draft vocabulary (default: the full vocabulary). With `warm_start` (Llama-family targets) the
+    decoder layer starts as a copy of the target's last layer, the output norm as the target's final norm, and the
+    input map passes the fused feature through, so training starts from a head that already computes something
+    shaped like the target's top layer."""
+    cfg = target.config
+    if taps is None:
+        n = cfg.num_layers
+        taps = sorted({min(2, n - 1), n // 2, max(n - 3, 0)})
+    if token_ids is None:
+        token_ids = range(cfg.vocab_size)
+    hcfg = HeadConfig.for_target(cfg, taps, token_ids)
+    hcfg.check_target(cfg)
+    module = init_head(hcfg, seed, jnp.float32)
+    flat = flatten(nnx.to_pure_dict(nnx.state(module)))
+    flat = {k: np.asarray(v) for k, v in flat.items()}
+    if warm_start and cfg.family == "llama" and not cfg.qkv_bias:
+        tp = {k: np.asarray(v, np.float32) for k, v in target.params().items()}
+        last = cfg.num_layers - 1
+        for name in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"):
+            flat[name] = tp[f"layers.{name}"][last]
+        flat["out_norm"] = tp["norm"]
+        e = cfg.hidden_size
+        flat["in_proj"] = np.concatenate([flat["in_proj"][:e] * 0.5, np.eye(e, dtype=np.float32)], axis=0)
+        if "fuse_w" in flat:
+            n = len(hcfg.taps)
+            flat["fuse_w"] = np.concatenate([flat["fuse_w"][: (n - 1) * e] * 0.5, np.eye(e, dtype=np.float32)], 0)
+    return from_flat(hcfg, flat, source=f"new head for {target.source}")
+
+
+__all__ = ["FeatureDraft", "HeadConfig", "HeadTargetMismatch", "load_head", "new_head", "is_head_folder"]

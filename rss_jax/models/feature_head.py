@@ -1,0 +1,242 @@
+"""Feature-draft heads: EAGLE-style drafts that predict the next token from the target's own hidden states.
+
+At head slot t the head reads the target's features at position t (the residual stream after a few chosen target
+layers, each RMS-normed, fused by one linear map when there are several) and the embedding of token t+1, runs one
+Llama-style decoder layer with its own KV cache, and scores a draft vocabulary D (a sorted list of token ids) with
+the target's own output rows W[D]: logits for token t+2. For drafting steps 2..K no target feature exists yet, so
+the head feeds back its own output hidden state in place of the fused feature.
+
+The head owns no vocabulary weights: the token embedding table and the output rows are the target's, passed in at
+call time (`embed_table` [V, E], `out_rows` = W[D] [|D|, E], gathered once per decode call, not per step).
+A head names the target it belongs to (`HeadConfig.check_target`) and refuses another one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rss_jax.models.base import normal_init
+from rss_jax.models.config import ConfigError, _freeze
+from rss_jax.models.layers import activation, apply_rope, attention, default_positions, rms_norm, rope_inv_freq
+
+# the target fields a head is tied to: the ones that decide what its features and vocabulary mean
+TARGET_FIELDS = ("family", "hidden_size", "num_layers", "vocab_size")
+
+
+class HeadTargetMismatch(ConfigError):
+    """A feature-draft head was used with a target it was not made for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """Frozen and hashable (it sits in the NNX graphdef). `taps`: target layer indices whose output the head reads;
+    `token_ids`: the draft vocabulary (strictly increasing ids of the target's vocabulary)."""
+    target_family: str
+    target_model_type: str
+    target_hidden_size: int
+    target_num_layers: int
+    target_vocab_size: int
+    taps: tuple
+    token_ids: tuple
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple = ()
+    activation: str = "silu"
+    kind: str = "feature_head"
+
+    # what the decoding engine and the KV cache read from any model config
+    @property
+    def hidden_size(self) -> int:
+        return self.target_hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.target_vocab_size
+
+    @property
+    def num_layers(self) -> int:  # the head's own KV cache has one layer
+        return 1
+
+    @property
+    def head_token_ids(self) -> tuple:
+        return self.token_ids
+
+    @property
+    def rope_scaling_dict(self) -> dict:
+        return dict(self.rope_scaling)
+
+    @property
+    def target(self) -> dict:
+        return {"family": self.target_family, "model_type": self.target_model_type,
+                "hidden_size": self.target_hidden_size, "num_layers": self.target_num_layers,
+                "vocab_size": self.target_vocab_size}
+
+    def check_target(self, config, what: str = "the target") -> None:
+        """Raise HeadTargetMismatch naming the first field where `config` (a ModelConfig) differs from the
+        target this head was made for."""
+        if getattr(config, "kind", None) == "feature_head":
+            raise HeadTargetMismatch(f"{what} is itself a feature-draft head; a head drafts for a full model")
+        mine = self.target
+        for field in TARGET_FIELDS:
+            theirs = getattr(config, field)
+            if theirs != mine[field]:
+                raise HeadTargetMismatch(
+                    f"this feature-draft head was made for a target with {field}={mine[field]!r} "
+                    f"({_describe(mine)}), but {what} has {field}={theirs!r}; use a head trained for this target "
+                    "(training.heads) or load the target it belongs to")
+        if config.head_token_ids:
+            raise HeadTargetMismatch(f"{what} has a trimmed output head; a feature-draft head scores with the "
+                                     "target's full output matrix")
+        if config.embed_dim != config.hidden_size:
+            raise HeadTargetMismatch(f"{what} has token embeddings of width {config.embed_dim} != hidden size "
+                                     f"{config.hidden_size} (OPT project_in/out); feature heads need them equal")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["taps"] = list(self.taps)
+        d["token_ids"] = list(self.token_ids)
+        d["rope_scaling"] = dict(self.rope_scaling)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "HeadConfig":
+        d = dict(d)
+        d["taps"] = tuple(int(i) for i in d["taps"])
+        d["token_ids"] = tuple(int(i) for i in d["token_ids"])
+        d["rope_scaling"] = _freeze(d.get("rope_scaling") or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def for_target(cls, config, taps, token_ids) -> "HeadConfig":
+        """A head shaped like one decoder layer of a Llama-family target (attention and MLP widths, RoPE);
+        for GPT-2 and OPT targets the head's layer is Llama-style with the target's widths."""
+        taps = tuple(int(t) for t in taps)
+        if not taps:
+            raise ValueError("a feature-draft head needs at least one tapped target layer")
+        bad = [t for t in taps if not 0 <= t < config.num_layers]
+        if bad or len(set(taps)) != len(taps):
+            raise ValueError(f"taps {list(taps)} must be distinct layer indices in 0..{config.num_layers - 1}")
+        ids = np.asarray(sorted(int(i) for i in token_ids), np.int64)
+        if ids.size == 0 or np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= config.vocab_size:
+            raise ValueError("token_ids must be distinct token ids in [0, vocab_size="
+                             f"{config.vocab_size}); got {ids.size} ids")
+        llama = config.family == "llama"
+        return cls(target_family=config.family, target_model_type=config.model_type,
+                   target_hidden_size=config.hidden_size, target_num_layers=config.num_layers,
+                   target_vocab_size=config.vocab_size, taps=taps, token_ids=tuple(int(i) for i in ids),
+                   num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                   intermediate_size=config.intermediate_size,
+                   max_position_embeddings=config.max_position_embeddings,
+                   norm_eps=config.norm_eps if llama else 1e-5, rope_theta=config.rope_theta if llama else 10000.0,
+                   rope_scaling=config.rope_scaling if llama else (),
+                   activation="silu")
+
+
+def _describe(target: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in target.items())
+
+
+class FeatureHead(nnx.Module):
+    """One decoder layer over fused target features and next-token embeddings (see the module docstring)."""
+
+    def __init__(self, config: HeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        e, f = config.hidden_size, config.intermediate_size
+        qd, kvd, n = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, len(config.taps)
+        self.tap_norm = nnx.Param(jnp.ones((n, e), dtype))
+        if n > 1:
+            self.fuse_w = nnx.Param(normal_init(rngs, (n * e, e), dtype))
+        self.embed_norm = nnx.Param(jnp.ones((e,), dtype))
+        self.feat_norm = nnx.Param(jnp.ones((e,), dtype))
+        self.in_proj = nnx.Param(normal_init(rngs, (2 * e, e), dtype))
+        self.attn_norm = nnx.Param(jnp.ones((e,), dtype))
+        self.wq = nnx.Param(normal_init(rngs, (e, qd), dtype))
+        self.wk = nnx.Param(normal_init(rngs, (e, kvd), dtype))
+        self.wv = nnx.Param(normal_init(rngs, (e, kvd), dtype))
+        self.wo = nnx.Param(normal_init(rngs, (qd, e), dtype))
+        self.mlp_norm = nnx.Param(jnp.ones((e,), dtype))
+        self.w_gate = nnx.Param(normal_init(rngs, (e, f), dtype))
+        self.w_up = nnx.Param(normal_init(rngs, (e, f), dtype))
+        self.w_down = nnx.Param(normal_init(rngs, (f, e), dtype))
+        self.out_norm = nnx.Param(jnp.ones((e,), dtype))
+
+    def fuse(self, taps):
+        """Target features [B, T, n_taps, E] -> the head's input feature [B, T, E]: each tap RMS-normed, then one
+        linear map over their concatenation (none for a single tap)."""
+        cfg = self.config
+        normed = rms_norm(taps, self.tap_norm.value, cfg.norm_eps)
+        b, t, n, e = normed.shape
+        if n == 1:
+            return normed[:, :, 0]
+        return jnp.einsum("btf,fe->bte", normed.reshape(b, t, n * e), self.fuse_w.value.astype(normed.dtype))
+
+    def __call__(self, feat, tokens, embed_table, out_rows=None, cache=None, lengths=None, positions=None):
+        """feat [B, T, E] (fused target features, or the head's own fed-back outputs), tokens [B, T] (token t+1
+        beside feature t) -> (logits over the draft vocabulary [B, T, |D|] float32, or None without `out_rows`;
+        output hidden states [B, T, E] (what is fed back); the updated KVCache or None).
+
+        With a cache (a one-layer KVCache) the T slots are written at lengths[b].. as in the target's forward."""
+        cfg = self.config
+        if positions is None:
+            positions = default_positions(tokens, lengths)
+        emb = jnp.take(embed_table, tokens, axis=0).astype(feat.dtype)
+        x = jnp.concatenate([rms_norm(emb, self.embed_norm.value, cfg.norm_eps),
+                             rms_norm(feat, self.feat_norm.value, cfg.norm_eps)], axis=-1)
+        h = jnp.einsum("btf,fe->bte", x, self.in_proj.value)
+        b, t, _ = h.shape
+        nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        inv_freq = rope_inv_freq(cfg)
+        y = rms_norm(h, self.attn_norm.value, cfg.norm_eps)
+        q = apply_rope(jnp.einsum("bte,ef->btf", y, self.wq.value).reshape(b, t, nh, hd), positions, inv_freq)
+        k = apply_rope(jnp.einsum("bte,ef->btf", y, self.wk.value).reshape(b, t, kvh, hd), positions, inv_freq)
+        v = jnp.einsum("bte,ef->btf", y, self.wv.value).reshape(b, t, kvh, hd)
+        if cache is not None:
+            o, ck, cv = attention(q, k, v, cache.k[0], cache.v[0], lengths)
+            cache = type(cache)(k=ck[None], v=cv[None])
+        else:
+            o, _, _ = attention(q, k, v)
+        h = h + jnp.einsum("btf,fe->bte", o, self.wo.value)
+        y = rms_norm(h, self.mlp_norm.value, cfg.norm_eps)
+        act = activation(cfg.activation)
+        h = h + jnp.einsum("btf,fe->bte", act(jnp.einsum("bte,ef->btf", y, self.w_gate.value))
+                           * jnp.einsum("bte,ef->btf", y, self.w_up.value), self.w_down.value)
+        logits = self.logits(h, out_rows) if out_rows is not None else None
+        return logits, h, cache
+
+    def logits(self, h, out_rows):
+        """Output hidden states [B, T, E] -> logits over the draft vocabulary [B, T, |D|] float32."""
+        y = rms_norm(h, self.out_norm.value, self.config.norm_eps)
+        return jnp.einsum("bte,ve->btv", y, out_rows.astype(y.dtype), preferred_element_type=jnp.float32)
+
+
+def full_vocab(logits_d, token_ids: tuple, vocab: int):
+    """Scatter draft-vocabulary logits [..., |D|] into the full vocabulary [..., vocab]: -inf outside D (a gather
+    from a row padded with one -inf slot, which XLA does faster than a scatter)."""
+    where = np.full((vocab,), len(token_ids), np.int32)
+    where[np.asarray(token_ids)] = np.arange(len(token_ids), dtype=np.int32)
+    padded = jnp.concatenate([logits_d, jnp.full(logits_d.shape[:-1] + (1,), -jnp.inf, logits_d.dtype)], -1)
+    return jnp.take(padded, jnp.asarray(where), axis=-1)
+
+
+def init_head(config: HeadConfig, seed: int = 0, dtype=jnp.float32) -> FeatureHead:
+    return FeatureHead(config, rngs=nnx.Rngs(seed), dtype=dtype)
+
+
+def abstract_head(config: HeadConfig, dtype=jnp.float32) -> FeatureHead:
+    return nnx.eval_shape(lambda: init_head(config, 0, dtype))
+
+
+def num_params(config: HeadConfig) -> int:
+    state = nnx.state(abstract_head(config), nnx.Param)
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))
