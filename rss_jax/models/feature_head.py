@@ -187,32 +187,47 @@ class FeatureHead(nnx.Module):
         output hidden states [B, T, E] (what is fed back); the updated KVCache or None).
 
         With a cache (a one-layer KVCache) the T slots are written at lengths[b].. as in the target's forward."""
-        cfg = self.config
         if positions is None:
             positions = default_positions(tokens, lengths)
-        emb = jnp.take(embed_table, tokens, axis=0).astype(feat.dtype)
-        x = jnp.concatenate([rms_norm(emb, self.embed_norm.value, cfg.norm_eps),
-                             rms_norm(feat, self.feat_norm.value, cfg.norm_eps)], axis=-1)
-        h = jnp.einsum("btf,fe->bte", x, self.in_proj.value)
-        b, t, _ = h.shape
-        nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        inv_freq = rope_inv_freq(cfg)
-        y = rms_norm(h, self.attn_norm.value, cfg.norm_eps)
-        q = apply_rope(jnp.einsum("bte,ef->btf", y, self.wq.value).reshape(b, t, nh, hd), positions, inv_freq)
-        k = apply_rope(jnp.einsum("bte,ef->btf", y, self.wk.value).reshape(b, t, kvh, hd), positions, inv_freq)
-        v = jnp.einsum("bte,ef->btf", y, self.wv.value).reshape(b, t, kvh, hd)
+        h = self.inputs(feat, tokens, embed_table)
+        q, k, v = self.qkv(h, positions)
         if cache is not None:
             o, ck, cv = attention(q, k, v, cache.k[0], cache.v[0], lengths)
             cache = type(cache)(k=ck[None], v=cv[None])
         else:
             o, _, _ = attention(q, k, v)
+        h = self.finish(h, o)
+        logits = self.logits(h, out_rows) if out_rows is not None else None
+        return logits, h, cache
+
+    # the forward in three parts, so that training can run its own attention pattern (training-time test)
+    def inputs(self, feat, tokens, embed_table):
+        """[B, T, E] feature + token ids -> the decoder layer's input residual stream [B, T, E]."""
+        eps = self.config.norm_eps
+        emb = jnp.take(embed_table, tokens, axis=0).astype(feat.dtype)
+        x = jnp.concatenate([rms_norm(emb, self.embed_norm.value, eps), rms_norm(feat, self.feat_norm.value, eps)],
+                            axis=-1)
+        return jnp.einsum("btf,fe->bte", x, self.in_proj.value)
+
+    def qkv(self, h, positions):
+        """-> q [B, T, H, D], k and v [B, T, KVH, D] (rotary positions applied)."""
+        cfg = self.config
+        b, t, _ = h.shape
+        inv_freq = rope_inv_freq(cfg)
+        y = rms_norm(h, self.attn_norm.value, cfg.norm_eps)
+        q = jnp.einsum("bte,ef->btf", y, self.wq.value).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = jnp.einsum("bte,ef->btf", y, self.wk.value).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = jnp.einsum("bte,ef->btf", y, self.wv.value).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def finish(self, h, o):
+        """Residual stream [B, T, E] + attention output [B, T, H*D] -> the layer's output hidden states."""
+        cfg = self.config
         h = h + jnp.einsum("btf,fe->bte", o, self.wo.value)
         y = rms_norm(h, self.mlp_norm.value, cfg.norm_eps)
         act = activation(cfg.activation)
-        h = h + jnp.einsum("btf,fe->bte", act(jnp.einsum("bte,ef->btf", y, self.w_gate.value))
-                           * jnp.einsum("bte,ef->btf", y, self.w_up.value), self.w_down.value)
-        logits = self.logits(h, out_rows) if out_rows is not None else None
-        return logits, h, cache
+        return h + jnp.einsum("btf,fe->bte", act(jnp.einsum("bte,ef->btf", y, self.w_gate.value))
+                              * jnp.einsum("bte,ef->btf", y, self.w_up.value), self.w_down.value)
 
     def logits(self, h, out_rows):
         """Output hidden states [B, T, E] -> logits over the draft vocabulary [B, T, |D|] float32."""
