@@ -25,6 +25,23 @@ from rss_jax.loading.orbax_io import MARKER, atomic_folder
 from rss_jax.models.feature_head import HeadConfig, HeadTargetMismatch, abstract_head, init_head, num_params
 
 WEIGHTS = "head.safetensors"
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "heads")
+# built-in heads shipped in the package: name -> folder under rss_jax/assets/heads
+BUILTIN_HEADS = {
+    "smollm2-135m-instruct-head-sft": "smollm2-135m-instruct-sft",
+    "smollm2-135m-instruct-head-aligned": "smollm2-135m-instruct-aligned",
+}
+
+
+def resolve_builtin_head(name: str) -> str | None:
+    """The folder of a built-in head name, or None when `name` is not one."""
+    if name not in BUILTIN_HEADS:
+        return None
+    path = os.path.join(ASSETS, BUILTIN_HEADS[name])
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"built-in head {name!r}: {path} is missing from this installation; reinstall "
+                                "rss_jax or re-make the heads with `make drafts`")
+    return path
 KIND = "feature_head"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

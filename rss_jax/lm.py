@@ -92,11 +92,13 @@ def from_params(config, flat: dict, tokenizer=None, dtype="float32", mesh=None, 
 def load(source: str, dtype: str = "float32", mesh=None) -> LM:
     """Load a model from a Hugging Face folder (safetensors), a .gguf file, an rss_jax Orbax folder or a built-in name
     such as "smollm2-135m-instruct". Weights are converted to `dtype` ("float32" or "bfloat16").
-    A feature-draft head folder (`FeatureDraft.save`) gives a `rss_jax.heads.FeatureDraft`."""
+    A feature-draft head folder (`FeatureDraft.save`) or a built-in head name ("smollm2-135m-instruct-head-sft",
+    "smollm2-135m-instruct-head-aligned") gives a `rss_jax.heads.FeatureDraft`."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     from rss_jax import heads
-    if heads.is_head_folder(os.fspath(source)):  # a feature-draft head (rss_jax.heads.FeatureDraft)
-        return heads.load_head(os.fspath(source), dtype=dtype)
+    source = heads.resolve_builtin_head(os.fspath(source)) or os.fspath(source)
+    if heads.is_head_folder(source):  # a feature-draft head (rss_jax.heads.FeatureDraft)
+        return heads.load_head(source, dtype=dtype)
     config, flat, tokenizer, path = loading.load_weights(os.fspath(source))
     return from_params(config, flat, tokenizer, dtype=dtype, mesh=mesh, source=path)

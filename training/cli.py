@@ -13,7 +13,43 @@ HELP = {
     "sft": "supervised fine-tuning: masked cross-entropy on the response tokens",
     "distill": "distillation toward a teacher's next-token distributions (KL or total variation)",
     "dpo": "direct preference optimisation against a frozen reference",
+    "head-distill": "a feature-draft head (EAGLE-style, over the target's hidden states) distilled toward its "
+                    "target with the multi-step training-time-test loss",
+    "head-dpo": "DPO of a feature-draft head against the frozen SFT head (the aligned head for SSS)",
 }
+
+
+def _head_parser(p: argparse.ArgumentParser, mode: str):
+    g = p.add_argument_group("run")
+    g.add_argument("--target", default="smollm2-135m-instruct", help="the model the head drafts for")
+    g.add_argument("--data", required=True, help="JSONL: prompt(_ids) + response(_ids) (head-distill: the "
+                   "target's own samples, e.g. from scripts/sample_target.py) or prompt + chosen + rejected (head-dpo)")
+    g.add_argument("--output", required=True, help="run folder: checkpoints/, metrics.jsonl, final/ (the head)")
+    g.add_argument("--steps", type=int, required=True)
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per step (head-dpo: 2 x pairs)")
+    g.add_argument("--learning-rate", type=float, default=1e-3 if mode == "head-distill" else 1e-4)
+    g.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ttt-steps", type=int, default=3, help="drafting steps in the multi-step loss")
+    g.add_argument("--temperature", type=float, default=0.8, help="the decoding temperature the head is fit at")
+    g.add_argument("--max-length", type=int, default=512)
+    g.add_argument("--stop-after", type=int, default=None, metavar="M")
+    g.add_argument("--resume", action="store_true")
+    g.add_argument("--save-every", type=int, default=0, metavar="N")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    if mode == "head-distill":
+        g.add_argument("--taps", default=None, help="target layers the head reads, e.g. '2,15,29' "
+                       "(default: a low, a middle and a high layer)")
+        g.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (0 = the full vocabulary)")
+        g.add_argument("--init", default=None, help="start from this head folder")
+        g.add_argument("--tv-weight", type=float, default=0.0, help="weight of 1 - acceptance added to the KL")
+        g.add_argument("--eval-data", default=None, help="held-out samples: per-offset acceptance at the end")
+        g.add_argument("--eval-every", type=int, default=0)
+    else:
+        g.add_argument("--sft", required=True, help="the SFT head: the starting point and the frozen reference")
+        g.add_argument("--beta", type=float, default=0.1)
+        g.add_argument("--consistency", type=float, default=1.0,
+                       help="weight of KL(step-1 || fed-back steps) that keeps multi-step drafting accurate")
 
 
 def _common(p: argparse.ArgumentParser):
@@ -55,8 +91,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register `train` (with sub-commands sft, distill, dpo) on an argparse sub-parser collection."""
     train = subparsers.add_parser("train", help="train a draft: SFT, distillation or DPO",
                                   description="Train a draft model (Flax NNX + optax, Orbax checkpoints).")
-    sub = train.add_subparsers(dest="train_mode", metavar="{sft,distill,dpo}")
+    sub = train.add_subparsers(dest="train_mode", metavar="{sft,distill,dpo,head-distill,head-dpo}")
     sub.required = True
+    for mode in ("head-distill", "head-dpo"):
+        _head_parser(sub.add_parser(mode, help=HELP[mode], description=HELP[mode]), mode)
     for mode in ("sft", "distill", "dpo"):
         p = sub.add_parser(mode, help=HELP[mode], description=HELP[mode])
         _common(p)
@@ -105,6 +143,15 @@ def run_train(args) -> int:
     from training.checkpoint import CheckpointMismatch
     from training.data import DataError
     from training.trainer import train
+    if args.train_mode.startswith("head-"):
+        from training.heads import run_recipe
+        try:
+            print(json.dumps(run_recipe(args)))
+        except (DataError, CheckpointMismatch, CheckpointError, ConfigError, FileNotFoundError, FileExistsError,
+                ValueError) as e:
+            print(f"rss-jax train: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         result = train(config_from_args(args))
     except (DataError, CheckpointMismatch, CheckpointError, ConfigError, FileNotFoundError, FileExistsError,
