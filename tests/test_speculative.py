@@ -177,6 +177,7 @@ def test_draft_equal_to_target_accepts_everything(trio):
     assert s["acceptance_rate"] == 1.0 and s["alpha_hat"] == 1.0
     assert s["accepted_histogram"][:4] == [0, 0, 0, 0]
     assert s["bonus_tokens"] == s["accepted_histogram"][4]
+    assert s["acceptance_by_offset"] == [1.0] * 4
 
 
 def _greedy_reference(trio, prompt, n, combine):
@@ -212,6 +213,9 @@ def test_stats_are_consistent(trio):
     assert s["alpha_hat"] == pytest.approx(s["accepted"] / (s["accepted"] + hist[:k].sum()))
     assert np.isfinite(s["mean_c"]) and s["mean_c"] > 0
     assert s["draft_calls"] == s["blocks"] * (k + 1)
+    # per-offset acceptance: of the blocks that reached draft i+1 (a >= i), the share that accepted it (a >= i+1)
+    assert s["acceptance_by_offset"] == pytest.approx([hist[i + 1:].sum() / hist[i:].sum() for i in range(k)])
+    assert s["feature_heads"] is False
     # every block emits a + 1 tokens; the last block of a row may overshoot the budget and is trimmed
     assert (out.lengths == 24).all()
     assert s["new_tokens"] <= sum(s["row_blocks"]) + s["accepted"]

@@ -18,6 +18,24 @@ EFT (product-of-experts decoding) is the same loop with K = 0: three forwards pe
 sample from the exact SSS target, so EFT and exact SSS share every line that decides the distribution.
 Sampling keys are keyed by (row id, number of tokens the row has emitted), so a row's result does not depend on the
 batch it is in.
+
+Feature-draft heads (`rss_jax.heads.FeatureDraft`: for SD the draft, for SSS/EFT both the aligned and the SFT draft).
+Head slot t reads the fused target features h_t (the target's residual stream after the head's tapped layers) and
+token x_{t+1}, and predicts x_{t+2}. With L = the target's valid slots at block start, each head cache holds L - 1
+slots of true features and the carry holds `tap_prev` = the target's taps of slot L - 1 (from the prompt prefill,
+then from the previous block's target forward; prompts need >= 2 tokens). One block:
+
+1. drafting (K >= 1, with the proposal head): step 1 at head slot L - 1 on (fuse(tap_prev), pending), steps
+   j = 2..K at slot L + j - 2 on (the previous step's output hidden state fed back, d_{j-1}); q_j are the exact
+   distributions the drafts were sampled from, and only they enter the acceptance ratios and residuals;
+2. the target forward on [pending, d_1..d_K] with taps: logits rows 0..K and taps H = h_L..h_{L+K};
+3. a true-feature re-run of every head the method needs: one (K+1)-token cached pass at head slots L-1..L+K-1 on
+   features fuse([tap_prev, h_L..h_{L+K-1}]) and tokens [pending, d_1..d_K]. It overwrites the drafting-time slots
+   with true features; for SSS/EFT its logits are pi_r and pi_sft rows 0..K inside p~ (SD asks for no logits);
+4. verify as for separate drafts; the row advances by `advance` and tap_prev = H[advance - 1] (the taps of the new
+   slot L' - 1; that is H[a] after a rejection or bonus, H[K - 1] after an authors_code full accept).
+EFT with heads is K = 0: no drafting, a one-token re-run at slot L - 1 (tap_prev, pending) gives pi_r, pi_sft row 0.
+The target's embedding table and the heads' output rows W[D] are gathered once per decode call, outside the loop.
 """
 from __future__ import annotations
 
@@ -32,6 +50,7 @@ from flax import nnx
 from rss_jax import sampling
 from rss_jax.cache import init_cache
 from rss_jax.decoding import common
+from rss_jax.models.feature_head import full_vocab
 
 NEG = -1e9  # logit for vocabulary rows a model does not have (finite, so l_r - l_sft stays defined)
 
@@ -51,6 +70,9 @@ class SpecConfig:
     draft_top_p: float | None
     eos: tuple
     vocab: int
+    # test-only: put the drafting-time (fed-back) head logits into p~ instead of the true-feature re-run's, the
+    # wrong rule that tests/test_feature_heads.py shows the law check catches; never set it otherwise
+    drafting_pi_r: bool = False
 
     @property
     def three_models(self) -> bool:
@@ -72,10 +94,15 @@ def _dtype(model):
     return jax.tree.leaves(nnx.state(model))[0].dtype
 
 
+def _is_head_module(model) -> bool:
+    return getattr(getattr(model, "config", None), "kind", None) == "feature_head"
+
+
 def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens, prompt_lens, row_ids, base_key):
     """-> (tokens [B, max_new] int32 padded with -1, per-row statistics dict, blocks run)."""
     target, draft = nnx.merge(gd_t, st_t), nnx.merge(gd_d, st_d)
     sft = nnx.merge(gd_s, st_s) if cfg.three_models else None
+    heads = _is_head_module(draft)  # static: feature-draft heads (both drafts are heads for SSS/EFT)
     b, p = prompt_tokens.shape
     k, n, v = cfg.k, cfg.max_new_tokens, cfg.vocab
     # SD: the target keeps all its rows (the draft's missing ones just get q = 0); SSS/EFT: p~ combines three models,
@@ -83,21 +110,50 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
     usable = min(m.config.vocab_size for m in (target, draft, sft) if m is not None) if cfg.three_models else None
     capacity = p + n + k + 1
     zeros = jnp.zeros((b,), jnp.int32)
+    lengths = prompt_lens - 1
+    pending = jnp.take_along_axis(prompt_tokens, lengths[:, None], axis=1)[:, 0]
 
     def new_cache(model):
         cache = init_cache(model.config, b, capacity, _dtype(model))
         return model(prompt_tokens, cache=cache, lengths=zeros)[1]
 
-    caches = (new_cache(target), new_cache(draft), new_cache(sft) if sft is not None else None)
-    lengths = prompt_lens - 1
-    pending = jnp.take_along_axis(prompt_tokens, lengths[:, None], axis=1)[:, 0]
+    if heads:
+        head_list = [draft] + ([sft] if sft is not None else [])
+        taps = tuple(sorted({int(t) for h in head_list for t in h.config.taps}))  # one target forward for both
+        tap_idx = [np.asarray([taps.index(int(t)) for t in h.config.taps]) for h in head_list]
+        feat_d = lambda x: draft.fuse(x[..., tap_idx[0], :])  # noqa: E731  [B, T, n_all, E] -> [B, T, E]
+        feat_s = (lambda x: sft.fuse(x[..., tap_idx[1], :])) if sft is not None else None  # noqa: E731
+        vh = draft.config.vocab_size  # the target's embedding rows
+        embed = target.token_embeddings()
+        w_out = target.output_matrix()
+        # W[D] once per decode call, outside the loop
+        rows_d = jnp.take(w_out, jnp.asarray(draft.config.token_ids), axis=0)
+        rows_s = jnp.take(w_out, jnp.asarray(sft.config.token_ids), axis=0) if sft is not None else None
+
+        def head_logits(model, logits_d):
+            return fit_vocab(full_vocab(logits_d, model.config.token_ids, vh), v, usable)
+
+        # prefill: the target over the prompt with taps; each head over slots 0..P-3 (features h_0..h_{P-3}, tokens
+        # x_1..x_{P-2}); the padded tail is written too but lies beyond the head's length L - 1 = P - 2
+        c_t = init_cache(target.config, b, capacity, _dtype(target))
+        _, c_t, taps0 = target(prompt_tokens, cache=c_t, lengths=zeros, taps=taps)
+
+        def head_prefill(model, feat):
+            cache = init_cache(model.config, b, capacity, _dtype(model))
+            return model(feat(taps0[:, :p - 1]), prompt_tokens[:, 1:], embed, None, cache=cache, lengths=zeros)[2]
+
+        caches = (c_t, head_prefill(draft, feat_d), head_prefill(sft, feat_s) if sft is not None else None)
+        tap_prev0 = jnp.take_along_axis(taps0, jnp.maximum(lengths - 1, 0)[:, None, None, None], axis=1)[:, 0]
+    else:
+        caches = (new_cache(target), new_cache(draft), new_cache(sft) if sft is not None else None)
+        tap_prev0 = jnp.zeros((b, 0), jnp.float32)  # unused placeholder
     rows = jnp.arange(b)
     use_eos = cfg.mode != "authors_code"  # the released code always generates max_new_tokens
     stats0 = dict(blocks=zeros, accepted=zeros, bonus=zeros, empty=zeros, hist=jnp.zeros((b, k + 1), jnp.int32),
                   c_sum=jnp.zeros((b,), jnp.float32), c_count=zeros)
 
     def block(carry):
-        it, pending, prev, (c_t, c_d, c_s), lengths, n_emit, out, done, st = carry
+        it, pending, prev, (c_t, c_d, c_s), lengths, n_emit, out, done, st, tap_prev = carry
         keys = jax.vmap(lambda r, e: common.row_key(base_key, r, e))(row_ids, n_emit)
 
         # 1. draft K tokens
@@ -112,7 +168,26 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
             d = sample_draft(j, l)
             return (c_d, d), (l, d)
 
-        if cfg.three_models:
+        if heads:
+            head_len = lengths - 1  # head slots 0..L-2 hold true features
+            if k > 0:
+                # step j (0-based) at head slot L-1+j: step 0 reads the true features of slot L-1, later steps the
+                # previous step's output hidden state (no target feature exists yet for the drafts)
+                def head_step(hc, j):
+                    c_d, feat, x = hc
+                    logits, hid, c_d = draft(feat, x[:, None], embed, rows_d, cache=c_d, lengths=head_len + j)
+                    l = head_logits(draft, logits[:, 0])
+                    d = sample_draft(j, l)
+                    return (c_d, hid.astype(feat.dtype), d), (l, d)
+
+                (c_d, _, _), (l_d, d_all) = jax.lax.scan(head_step, (c_d, feat_d(tap_prev[:, None]), pending),
+                                                         jnp.arange(k))
+                l_d = jnp.swapaxes(l_d, 0, 1)  # [B, K, V], drafting-time logits
+                drafts = jnp.swapaxes(d_all, 0, 1)  # [B, K]
+            else:
+                l_d = jnp.zeros((b, 0, v), jnp.float32)
+                drafts = jnp.zeros((b, 0), jnp.int32)
+        elif cfg.three_models:
             # K + 1 steps on [pending, d_1..d_K]: the last writes d_K and gives pi_r's row K, which SSS needs
             (c_d, _), (l_d, d_all) = jax.lax.scan(draft_step, (c_d, pending), jnp.arange(k + 1))
             l_d = jnp.swapaxes(l_d, 0, 1)  # [B, K+1, V]
@@ -133,20 +208,34 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
         fed = jnp.concatenate([pending[:, None], drafts], axis=1)  # [B, K+1]
 
         # 2. verify in one cached forward per verifier
-        logits_t, c_t = target(fed, cache=c_t, lengths=lengths)
+        if heads:
+            logits_t, c_t, taps_new = target(fed, cache=c_t, lengths=lengths, taps=taps)  # taps h_L..h_{L+K}
+            # 3. true-feature re-run at head slots L-1..L+K-1: features of slots L-1..L+K-1, tokens x_L..x_{L+K}
+            feats = jnp.concatenate([tap_prev[:, None], taps_new[:, :k]], axis=1)  # [B, K+1, n_all, E]
+            if cfg.three_models:
+                lr, _, c_d = draft(feat_d(feats), fed, embed, rows_d, cache=c_d, lengths=head_len)
+                ls, _, c_s = sft(feat_s(feats), fed, embed, rows_s, cache=c_s, lengths=head_len)
+                l_r, l_s = head_logits(draft, lr), head_logits(sft, ls)  # [B, K+1, V]
+                if cfg.drafting_pi_r:  # the wrong rule (tests only): fed-back logits inside p~
+                    l_r = jnp.concatenate([l_d, l_r[:, k:]], axis=1)
+            else:
+                _, _, c_d = draft(feat_d(feats), fed, embed, None, cache=c_d, lengths=head_len)  # cache only
+        else:
+            logits_t, c_t = target(fed, cache=c_t, lengths=lengths)
+            if cfg.three_models:
+                logits_s, c_s = sft(fed, cache=c_s, lengths=lengths)
+                l_r, l_s = l_d, fit_vocab(logits_s, v, usable)
         l_t = fit_vocab(logits_t, v, usable)
         if cfg.three_models:
-            logits_s, c_s = sft(fed, cache=c_s, lengths=lengths)
-            l_s = fit_vocab(logits_s, v, usable)
             mode = "exact" if cfg.method == "eft" else cfg.mode
-            res = sampling.sss_verify_with_flags(keys, drafts, q, l_t, l_d, l_s, mode, cfg.temperature, cfg.shift,
+            res = sampling.sss_verify_with_flags(keys, drafts, q, l_t, l_r, l_s, mode, cfg.temperature, cfg.shift,
                                                  cfg.top_k, cfg.top_p, cfg.min_p)
         else:
             p_probs = sampling.probs_from_logits(l_t, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
             res = sampling.verify_with_target(keys, drafts, q, p_probs)
         a, nxt = res.n_accepted, res.next_token
 
-        # 3. emit d_1..d_a and the next token (no bonus in authors_code after a full accept)
+        # 4. emit d_1..d_a and the next token (no bonus in authors_code after a full accept)
         no_bonus = nxt < 0
         count = jnp.where(no_bonus, a, a + 1)
         j = jnp.arange(k + 1)[None, :]
@@ -167,6 +256,10 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
         before_last = jnp.take_along_axis(emitted, jnp.maximum(count - 2, 0)[:, None], axis=1)[:, 0]
         new_prev = jnp.where(count >= 2, before_last, pending)
         advance = jnp.where(no_bonus, k, a + 1)
+        if heads:
+            # the taps of the new slot L' - 1 = L + advance - 1: H[a], or H[K-1] after an authors_code full accept
+            new_tap = jnp.take_along_axis(taps_new, (advance - 1)[:, None, None, None], axis=1)[:, 0]
+            tap_prev = jnp.where(active[:, None, None], new_tap, tap_prev)
         lengths = jnp.where(active, lengths + advance, lengths)
         prev = jnp.where(active, new_prev, prev)
         pending = jnp.where(active, new_pending, pending)
@@ -181,11 +274,11 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
         st["empty"] = st["empty"] + res.empty_residual.astype(jnp.int32) * act
         st["hist"] = st["hist"] + jax.nn.one_hot(a, k + 1, dtype=jnp.int32) * act[:, None]
         if cfg.method == "sss":
-            c = sampling.mean_c(l_t, l_d, l_s, cfg.temperature, cfg.shift)  # [B, K+1]
+            c = sampling.mean_c(l_t, l_r, l_s, cfg.temperature, cfg.shift)  # [B, K+1]
             used = (jnp.arange(k + 1)[None, :] < jnp.where(no_bonus, a, a + 1)[:, None]) & active[:, None]
             st["c_sum"] = st["c_sum"] + jnp.sum(jnp.where(used, c, 0.0), axis=1)
             st["c_count"] = st["c_count"] + jnp.sum(used, axis=1)
-        return it + 1, pending, prev, (c_t, c_d, c_s), lengths, n_emit, out, done, st
+        return it + 1, pending, prev, (c_t, c_d, c_s), lengths, n_emit, out, done, st, tap_prev
 
     def cond(carry):
         it, done = carry[0], carry[7]
@@ -193,8 +286,8 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
 
     out0 = jnp.full((b, n), -1, jnp.int32)
     prev = jnp.take_along_axis(prompt_tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
-    carry = (jnp.int32(0), pending, prev, caches, lengths, zeros, out0, jnp.zeros((b,), bool), stats0)
-    it, _, _, _, _, _, out, _, st = jax.lax.while_loop(cond, block, carry)
+    carry = (jnp.int32(0), pending, prev, caches, lengths, zeros, out0, jnp.zeros((b,), bool), stats0, tap_prev0)
+    it, _, _, _, _, _, out, _, st, _ = jax.lax.while_loop(cond, block, carry)
     return out, st, it
 
 
@@ -228,7 +321,40 @@ def _check_head_vocab(draft, sft) -> None:
         raise ValueError(
             f"the SFT draft {sft.source!r} scores only {len(ids_s)} tokens (a trimmed head) but the aligned draft "
             f"{draft.source!r} can emit {what}: pi_r / pi_sft would be infinite there. Trim both drafts with the "
-            "same token ids (training.trim_vocab) or use a full-vocabulary SFT draft.")
+            "same token ids (training.trim_vocab; feature-draft heads: the same token_ids) or use a "
+            "full-vocabulary SFT draft.")
+
+
+def _is_head(model) -> bool:
+    return bool(getattr(model, "is_feature_head", False))
+
+
+def _check_heads(lm, prompt_ids, draft, sft, three: bool) -> None:
+    """Feature-draft heads: both drafts or neither (SSS/EFT), each made for this target (HeadTargetMismatch names the
+    field that differs), and prompts of at least two tokens (slot L - 1 needs a feature)."""
+    models = [(draft, "draft")] + ([(sft, "sft")] if three else [])
+    kinds = {role: _is_head(m) for m, role in models if m is not None}
+    if not any(kinds.values()):
+        return
+    if three and None not in (draft, sft) and kinds["draft"] != kinds["sft"]:
+        head, other = ("draft", "sft") if kinds["draft"] else ("sft", "draft")
+        raise ValueError(f"the {head} is a feature-draft head but the {other} is a separate model: SSS/EFT need "
+                         "both drafts of the same kind (two heads, or two separate draft models)")
+    for m, role in models:
+        if m is not None and _is_head(m):
+            m.config.check_target(lm.config, what=f"the target {lm.source!r} (given as {role}'s target)")
+    if min(len(p) for p in prompt_ids) < 2:
+        raise ValueError("feature-draft heads need prompts of at least 2 tokens (the first draft reads the target's "
+                         "features of the token before the last prompt token); prepend a BOS token or use a chat "
+                         "template")
+
+
+def acceptance_by_offset(hist) -> list:
+    """Entry i: of the blocks that reached draft i+1 (a >= i), the fraction that accepted it (a >= i+1); from the
+    histogram of a (length K+1). NaN where no block reached that draft."""
+    hist = np.asarray(hist, np.int64)
+    reached = np.cumsum(hist[::-1])[::-1]  # reached[i] = #blocks with a >= i
+    return [float(reached[i + 1] / reached[i]) if reached[i] else float("nan") for i in range(len(hist) - 1)]
 
 
 def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p,
@@ -237,8 +363,10 @@ def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, 
         raise ValueError(f"k (draft tokens per block) must be an integer >= 1, got {k!r}")
     if draft_top_k is not None or draft_top_p is not None:
         sampling.validate_sampling_args(1.0, draft_top_k, draft_top_p, None)
+    three = method in ("sss", "eft")
+    _check_heads(lm, prompt_ids, draft, sft if three else None, three)
     vocab = _check_pair(lm, draft, "draft")
-    if method in ("sss", "eft"):
+    if three:
         _check_pair(lm, sft, "sft")
         _check_head_vocab(draft, sft)
     if method == "eft":
@@ -263,13 +391,16 @@ def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, 
     stats = {"method": method, "mode": cfg.mode if method == "sss" else None, "k": cfg.k,
              "compile_s": compile_s, "wall_s": run_s, "total_s": time.perf_counter() - t0,
              "blocks": int(it), "target_calls": int(it),
-             "draft_calls": int(it) * (cfg.k + 1 if cfg.three_models else cfg.k),
+             # heads: K drafting steps and one true-feature re-run of the proposal head per block
+             "draft_calls": int(it) * (cfg.k + 1 if cfg.three_models or _is_head(draft) else cfg.k),
              # per-row sums (the SPEC theory check) divide by row_blocks_total, not by the batched `blocks`
              "row_blocks": st["blocks"].tolist(), "row_blocks_total": blocks, "accepted": acc,
              "acceptance_rate": acc / (cfg.k * blocks) if cfg.k and blocks else float("nan"),
              "alpha_hat": acc / (acc + rejections) if (acc + rejections) else float("nan"),
-             "accepted_histogram": st["hist"].sum(axis=0).tolist(), "bonus_tokens": int(st["bonus"].sum()),
-             "empty_residuals": int(st["empty"].sum())}
+             "accepted_histogram": st["hist"].sum(axis=0).tolist(),
+             "acceptance_by_offset": acceptance_by_offset(st["hist"].sum(axis=0)),
+             "bonus_tokens": int(st["bonus"].sum()), "empty_residuals": int(st["empty"].sum()),
+             "feature_heads": _is_head(draft)}
     if method == "sss":
         cnt = st["c_count"].sum()
         stats["mean_c"] = float(st["c_sum"].sum() / cnt) if cnt else float("nan")

@@ -1,0 +1,299 @@
+"""Feature-draft heads in the speculative engine: exact laws by Monte Carlo, greedy equivalence, refusals.
+
+The oracle is an independent reference computed with uncached forwards only: the target with taps over the full
+prefix, each head over the full prefix on the target's TRUE features (head slot t reads h_t and token t+1). Random
+heads make the drafting-time proposal (fed-back hidden states) differ from that true-feature output, so a loop that
+put the drafting-time pi_r inside p~ samples a different law (test_drafting_time_pi_r_is_caught).
+
+Tolerance: for a law P over cells and N rows, the total variation distance between the empirical frequencies and P
+is compared with its own null distribution, simulated by drawing 400 multinomial(N, P) samples: it must lie below
+the null mean + 4 null standard deviations (the TV of a correct sampler exceeds it with probability ~1e-4; the seeds
+are fixed, so a run is reproducible).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import rss_jax as rj
+from rss_jax import heads as rheads
+from rss_jax.decoding import speculative
+from rss_jax.lm import from_params
+from rss_jax.loading.names import flatten
+from rss_jax.models import ModelConfig, build_model
+from rss_jax.models.feature_head import HeadConfig, HeadTargetMismatch, abstract_head, full_vocab, init_head
+
+V = 24
+N = 10000
+PROMPT = [3, 7, 1, 4]
+D_R = (1, 2, 4, 5, 7, 9, 11, 12, 15, 17, 20, 22)  # the aligned head's draft vocabulary (a strict subset)
+D_S = tuple(sorted(set(D_R) | {0, 3, 8, 19}))  # the SFT head covers it and more
+
+
+def _scaled(flat, seed, scale=10.0, noise=0.3):
+    rng = np.random.default_rng(seed)
+    return {k: np.asarray(v) if "norm" in k else np.asarray(v) * scale + noise * rng.normal(size=np.shape(v))
+            for k, v in flat.items()}
+
+
+def _target(layers=3, hidden=32, vocab=V, seed=0):
+    cfg = ModelConfig(family="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=48, num_layers=layers,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64, eos_token_ids=(0,))
+    flat = flatten(nnx.to_pure_dict(nnx.state(build_model(cfg, seed))))
+    return from_params(cfg, _scaled(flat, seed), source=f"target-{layers}x{hidden}-v{vocab}")
+
+
+def _head(target_cfg, taps, ids, seed, out_scale=1.0):
+    """A random head (weights scaled like the target's); out_scale < 1 flattens its logits (more acceptance)."""
+    hcfg = HeadConfig.for_target(target_cfg, taps, ids)
+    flat = _scaled(flatten(nnx.to_pure_dict(nnx.state(init_head(hcfg, seed)))), seed)
+    flat["out_norm"] = flat["out_norm"] * out_scale
+    return rheads.from_flat(hcfg, flat, source=f"head-{seed}")
+
+
+@pytest.fixture(scope="module")
+def models():
+    lm = _target()
+    aligned = _head(lm.config, (0, 2), D_R, 1)  # two taps (fused), trimmed vocabulary
+    sft = _head(lm.config, (1,), D_S, 2)  # another tap: the target forward taps the union
+    proposal = _head(lm.config, (0, 2), D_R, 3, out_scale=0.25)  # SD's head
+    return lm, aligned, sft, proposal
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the oracle: uncached forwards over full prefixes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _target_ref(gd, st, taps, tokens):
+    logits, _, hs = nnx.merge(gd, st)(tokens, taps=taps)
+    return logits, hs
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _head_ref(gd, st, tap_idx, token_ids, hs, tokens, embed, w_out):
+    head = nnx.merge(gd, st)
+    feat = head.fuse(hs[:, :-1][:, :, np.asarray(tap_idx)])  # slot t: features h_t ...
+    logits, _, _ = head(feat, tokens[:, 1:], embed, w_out[jnp.asarray(token_ids)])  # ... and token t+1
+    return full_vocab(logits, token_ids, embed.shape[0])  # row t predicts token t+2
+
+
+def _next_logits(lm, head_list, seqs):
+    """Next-token logits after every prefix of `seqs` [S, T] from position len(PROMPT)-1 on: target [S, T-P+1, V]
+    and each head's (true features) [S, T-P+1, V] float64."""
+    taps = tuple(sorted({t for h in head_list for t in h.config.taps})) or (0,)
+    tokens = jnp.asarray(seqs, jnp.int32)
+    lt, hs = _target_ref(lm.graphdef, lm.state, taps, tokens)
+    module = lm.module
+    embed, w_out = module.token_embeddings(), module.output_matrix()
+    p = len(PROMPT)
+    out = [np.asarray(lt, np.float64)[:, p - 1:]]
+    for h in head_list:
+        idx = tuple(taps.index(t) for t in h.config.taps)
+        lh = _head_ref(h.graphdef, h.state, idx, h.config.token_ids, hs, tokens, embed, w_out)
+        out.append(np.asarray(lh, np.float64)[:, p - 2:])
+    return out
+
+
+def _softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+SD_T = 0.7  # SD runs tempered: a peakier law, so a sharper check
+
+
+def _sd_rule(lt):
+    return _softmax(lt / SD_T)
+
+
+def _p_tilde(lt, lr, ls):
+    """softmax(l_ref + l_r - l_sft) restricted to the aligned head's vocabulary (temperature 1)."""
+    inside = np.isfinite(lr)
+    return _softmax(np.where(inside, lt + np.where(inside, lr, 0.0) - np.where(inside, ls, 0.0), -np.inf))
+
+
+def _paper_rule(lt, lr, ls):
+    """The paper rule's own law of one token (drafts from pi_r, accept min(1, ref/sft), residual, p~ fallback)."""
+    ref, r, sft = _softmax(lt), _softmax(lr), _softmax(ls)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(r > 0, ref / sft, 0.0)
+    accept = np.minimum(1.0, ratio)
+    beta = np.sum(r * accept, -1, keepdims=True)
+    resid = np.maximum(r * (ratio - 1.0), 0.0)
+    resid = resid / resid.sum(-1, keepdims=True)
+    return r * accept + (1 - beta) * resid
+
+
+def _law3(lm, head_list, rule):
+    """Exact joint law [V, V, V] of the first three generated tokens, by enumeration of every 2-token prefix."""
+    grid = np.array([[a, b] for a in range(V) for b in range(V)])
+    seqs = np.concatenate([np.tile(PROMPT, (len(grid), 1)), grid], axis=1)  # [V^2, P+2]
+    logits = _next_logits(lm, head_list, seqs)
+    d = rule(*logits)  # [V^2, 3, V]: the laws of tokens 1, 2 | x1, 3 | x1, x2
+    first = d[0, 0]
+    second = d[::V, 1]  # rows with x2 = 0, one per x1
+    third = d[:, 2].reshape(V, V, V)
+    return first[:, None, None] * second[:, :, None] * third
+
+
+@pytest.fixture(scope="module")
+def laws(models):
+    lm, aligned, sft, _ = models
+    return {"sd": _law3(lm, [], _sd_rule), "p_tilde": _law3(lm, [aligned, sft], _p_tilde)}
+
+
+def _tv_check(samples, law, seed=0):
+    """(TV of the empirical law of `samples` [N, m] to `law` over V^m cells, the null threshold)."""
+    n = len(samples)
+    flat_idx = np.ravel_multi_index(tuple(samples.T), law.shape)
+    freq = np.bincount(flat_idx, minlength=law.size) / n
+    p = law.ravel() / law.sum()
+    null = np.random.default_rng(seed).multinomial(n, p, size=400) / n
+    tvs = 0.5 * np.abs(null - p).sum(1)
+    return 0.5 * np.abs(freq - p).sum(), tvs.mean() + 4 * tvs.std()
+
+
+def _check_law(out, law):
+    """The pairs (t1, t2) and (t2, t3), and each token's marginal (V cells: the sharpest check); t2 and t3 often
+    come from a later block than t1, so they check the head state carried across blocks."""
+    toks = out.tokens
+    assert (out.lengths == 3).all()
+    checks = [([0, 1], law.sum(2)), ([1, 2], law.sum(0)), ([0], law.sum((1, 2))), ([1], law.sum((0, 2))),
+              ([2], law.sum((0, 1)))]
+    for cols, marginal in checks:
+        tv, limit = _tv_check(toks[:, cols], marginal)
+        assert tv < limit, (cols, tv, limit)
+
+
+def _check_offsets(stats, k):
+    hist = np.array(stats["accepted_histogram"])
+    by = stats["acceptance_by_offset"]
+    assert len(by) == k
+    for i in range(k):
+        assert by[i] == pytest.approx(hist[i + 1:].sum() / hist[i:].sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# engine-level laws
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,draft_top_k", [(1, None), (2, None), (3, 6)])
+def test_sd_with_head_samples_the_target_law(models, laws, k, draft_top_k):
+    """The target's own law softmax(l_ref / T) for every K (draft_top_k filters only the proposal)."""
+    lm, _, _, proposal = models
+    law = laws["sd"]
+    out = rj.generate(lm, [PROMPT] * N, method="sd", draft=proposal, k=k, max_new_tokens=3, temperature=SD_T,
+                      eos=[], seed=31 + k, draft_top_k=draft_top_k)
+    _check_law(out, law)
+    s = out.stats
+    assert s["feature_heads"] and 0.05 < s["acceptance_rate"] < 0.95
+    _check_offsets(s, k)
+    assert all(0 < x < 1 for x in s["acceptance_by_offset"])
+    # the target emits tokens outside the head's vocabulary (the law check covers them)
+    assert law.sum((1, 2))[np.setdiff1d(np.arange(V), D_R)].sum() > 0.05
+
+
+@pytest.mark.parametrize("method,k", [("sss", 1), ("sss", 2), ("sss", 3), ("eft", 0)])
+def test_sss_exact_and_eft_with_heads_sample_p_tilde(models, laws, method, k):
+    """p~ = softmax(l_ref + l_r - l_sft) on the aligned head's vocabulary, with l_r, l_sft the heads on the target's
+    true features; the same for every K and for EFT (K = 0)."""
+    lm, aligned, sft, _ = models
+    law = laws["p_tilde"]
+    out = rj.generate(lm, [PROMPT] * N, method=method, draft=aligned, sft=sft, k=max(k, 1), max_new_tokens=3,
+                      temperature=1.0, eos=[], seed=41 + k)
+    _check_law(out, law)
+    assert set(np.unique(out.tokens).tolist()) <= set(D_R)
+    if method == "sss":
+        s = out.stats
+        _check_offsets(s, k)
+        assert 0.05 < s["acceptance_rate"] < 0.95 and np.isfinite(s["mean_c"])
+    else:
+        assert out.stats["k"] == 0 and out.stats["acceptance_by_offset"] == []
+
+
+def test_drafting_time_pi_r_is_caught(models, laws, monkeypatch):
+    """The wrong rule (the drafting-time, fed-back pi_r inside p~) samples a measurably different law: the same
+    check rejects it."""
+    lm, aligned, sft, _ = models
+    law = laws["p_tilde"]
+    monkeypatch.setattr(speculative, "SpecConfig", functools.partial(speculative.SpecConfig, drafting_pi_r=True))
+    out = rj.generate(lm, [PROMPT] * N, method="sss", draft=aligned, sft=sft, k=2, max_new_tokens=3,
+                      temperature=1.0, eos=[], seed=43)
+    tv, limit = _tv_check(out.tokens[:, :2], law.sum(2))
+    assert tv > 2 * limit, (tv, limit)
+
+
+def test_paper_mode_with_heads(models):
+    """The first token follows the paper rule's own law (pi_r = the head on true features); per-seed deterministic."""
+    lm, aligned, sft, _ = models
+    seqs = np.array([PROMPT + [0]])
+    first = _paper_rule(*(x[:, 0] for x in _next_logits(lm, [aligned, sft], seqs)))[0]
+    kw = dict(method="sss", mode="paper", draft=aligned, sft=sft, k=2, max_new_tokens=3, temperature=1.0, eos=[])
+    out = rj.generate(lm, [PROMPT] * N, seed=5, **kw)
+    tv, limit = _tv_check(out.tokens[:, :1], first)
+    assert tv < limit, (tv, limit)
+    again = rj.generate(lm, [PROMPT] * N, seed=5, **kw)
+    np.testing.assert_array_equal(again.tokens, out.tokens)
+    assert len(out.stats["acceptance_by_offset"]) == 2
+
+
+def test_greedy_sd_with_head_is_greedy_target(models):
+    """Temperature 0 with a head: token for token the target's greedy continuation (uncached reference), for
+    prompts of different lengths in one batch (2 tokens, the shortest a head accepts)."""
+    lm, _, _, proposal = models
+    prompts = [PROMPT, [5, 2], [9, 8, 7, 6, 5, 4, 3]]
+    n_new = 10
+    out = rj.generate(lm, prompts, method="sd", draft=proposal, k=3, max_new_tokens=n_new, temperature=0.0, eos=[])
+    width = max(map(len, prompts)) + n_new
+    seqs = [list(p) for p in prompts]
+    for _ in range(n_new):  # causal: the zero padding after each row does not change its last logits
+        padded = np.array([s + [0] * (width - len(s)) for s in seqs])
+        logits = np.asarray(lm.logits(padded))
+        for row, s in enumerate(seqs):
+            s.append(int(np.argmax(logits[row, len(s) - 1])))
+    for row, (p, s) in enumerate(zip(prompts, seqs)):
+        assert out.tokens[row].tolist() == s[len(p):]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# refusals
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _abstract_head(target_cfg, taps, ids):
+    """A head with abstract weights (the refusals happen before any weight is read)."""
+    hcfg = HeadConfig.for_target(target_cfg, taps, ids)
+    graphdef, state = nnx.split(abstract_head(hcfg))
+    return rheads.FeatureDraft(config=hcfg, graphdef=graphdef, state=state, source="abstract-head")
+
+
+def test_heads_for_other_targets_and_uncovered_vocabularies_are_refused(models):
+    lm, aligned, sft, proposal = models
+    for other, field in ((dict(hidden_size=48), "hidden_size"), (dict(num_layers=2), "num_layers"),
+                         (dict(vocab_size=V + 6), "vocab_size")):
+        cfg = dataclasses.replace(lm.config, **other)
+        foreign = _abstract_head(cfg, (0, 1), range(cfg.vocab_size))
+        with pytest.raises(HeadTargetMismatch, match=f"{field}="):
+            rj.generate(lm, [PROMPT], method="sd", draft=foreign)
+        with pytest.raises(HeadTargetMismatch, match=f"{field}="):
+            rj.generate(lm, [PROMPT], method="eft", draft=aligned, sft=foreign)
+    narrow = _abstract_head(lm.config, (1,), D_R[:-2])  # misses two of the aligned head's tokens
+    with pytest.raises(ValueError, match=r"can emit 2 of them \(e.g. \[20, 22\]\).*same token_ids"):
+        rj.generate(lm, [PROMPT], method="sss", draft=aligned, sft=narrow)
+    separate = lm  # any separate model (here the target itself)
+    with pytest.raises(ValueError, match="draft is a feature-draft head but the sft is a separate model"):
+        rj.generate(lm, [PROMPT], method="sss", draft=aligned, sft=separate)
+    with pytest.raises(ValueError, match="sft is a feature-draft head but the draft is a separate model"):
+        rj.generate(lm, [PROMPT], method="eft", draft=separate, sft=sft)
+    with pytest.raises(ValueError, match="prompts of at least 2 tokens"):
+        rj.generate(lm, [PROMPT, [3]], method="sd", draft=proposal)
