@@ -133,6 +133,20 @@ def _paper_rule(lt, lr, ls):
     return r * accept + (1 - beta) * resid
 
 
+def _authors_rule(lt, lr, ls):
+    """One block of the released-code rule with K = 1: d ~ pi_r, accepted with min(1, pi_ref(d) / pi_r(d)), else
+    argmax(l_ref + l_r - l_sft); a full accept emits d and no bonus, so every block emits exactly one token and
+    K = 1 decoding iterates this law (the next block starts from true features whichever branch was taken)."""
+    ref, r = _softmax(lt), _softmax(lr)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accept = np.where(r > 0, np.minimum(1.0, ref / r), 0.0)
+    beta = np.sum(r * accept, -1, keepdims=True)
+    inside = np.isfinite(lr)
+    shifted = np.where(inside, lt + np.where(inside, lr, 0.0) - np.where(inside, ls, 0.0), -np.inf)
+    hot = np.arange(lt.shape[-1]) == np.argmax(shifted, -1)[..., None]
+    return r * accept + (1 - beta) * hot
+
+
 def _law3(lm, head_list, rule):
     """Exact joint law [V, V, V] of the first three generated tokens, by enumeration of every 2-token prefix."""
     grid = np.array([[a, b] for a in range(V) for b in range(V)])
@@ -239,12 +253,25 @@ def test_paper_mode_with_heads(models):
     seqs = np.array([PROMPT + [0]])
     first = _paper_rule(*(x[:, 0] for x in _next_logits(lm, [aligned, sft], seqs)))[0]
     kw = dict(method="sss", mode="paper", draft=aligned, sft=sft, k=2, max_new_tokens=3, temperature=1.0, eos=[])
-    out = rj.generate(lm, [PROMPT] * N, seed=5, **kw)
+    out = rj.generate(lm, [PROMPT] * (N // 2), seed=5, **kw)  # a one-token law: half the rows suffice
     tv, limit = _tv_check(out.tokens[:, :1], first)
     assert tv < limit, (tv, limit)
-    again = rj.generate(lm, [PROMPT] * N, seed=5, **kw)
+    again = rj.generate(lm, [PROMPT] * (N // 2), seed=5, **kw)
     np.testing.assert_array_equal(again.tokens, out.tokens)
     assert len(out.stats["acceptance_by_offset"]) == 2
+
+
+def test_authors_code_with_heads_k1(models):
+    """authors_code with K = 1 samples the iterated one-block law (exact oracle above): a full accept emits no bonus,
+    advances by K and leaves d_K pending with the taps of slot L' - 1 = L + K - 1 (H[K-1], not H[a])."""
+    lm, aligned, sft, _ = models
+    law = _law3(lm, [aligned, sft], _authors_rule)
+    out = rj.generate(lm, [PROMPT] * N, method="sss", mode="authors_code", draft=aligned, sft=sft, k=1,
+                      max_new_tokens=3, temperature=1.0, eos=[], seed=7)
+    _check_law(out, law)
+    s = out.stats
+    assert s["bonus_tokens"] == 0 and 0.05 < s["acceptance_rate"] < 0.95  # full accepts happen
+    _check_offsets(s, 1)
 
 
 def test_greedy_sd_with_head_is_greedy_target(models):

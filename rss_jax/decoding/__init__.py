@@ -17,6 +17,8 @@ def generate(lm, prompts, method="ar", draft=None, sft=None, k=4, mode="exact", 
     method: "ar" (plain decoding of lm), "sd" (speculative decoding with `draft`), "sss" (reward-shifted speculative
     sampling: `draft` = aligned draft, `sft` = its SFT version, `mode` exact|paper|authors_code, `shift` = lambda),
     "eft" (product-of-experts decoding of the same distribution as exact sss, no speculation).
+    Drafts are separate models or feature-draft heads (`rss_jax.heads.FeatureDraft`, made for `lm`; for sss/eft both
+    drafts must be heads or both models; prompts of at least 2 tokens).
     Returns texts, tokens [B, max_new_tokens] (-1 after each row's length; a final EOS is included), lengths, stats.
     """
     if method not in METHODS:
