@@ -6,7 +6,8 @@ import os
 import sys
 import time
 
-DEMO_PROMPTS = ["Give me three tips for a good night's sleep.", "Write a short, kind note to a friend who is sad."]
+DEMO_PROMPTS = ["Give me three tips for a good night's sleep.", "Write a short note to a friend who moved away.",
+                "Describe a walk by the river in a few sentences."]
 DEMO_DRAFT_LAYERS = [0, 1, 2, 3, 28, 29]
 
 
@@ -25,13 +26,22 @@ def draft_cache() -> str:
 
 
 def demo_drafts(lm, args):
-    """(aligned draft, SFT draft, description): the given ones, else the best the cache has, else untrained
-    layer-truncated copies of the model."""
+    """(aligned draft, SFT draft, description): the given ones, else the feature-draft heads shipped with the
+    package for the built-in model, else the separate-model drafts of `make drafts`, else untrained layer-truncated
+    copies of the model."""
     import rss_jax as rj
     from training import make_draft
     if args.draft:
         draft = rj.load(args.draft)
         return draft, rj.load(args.sft) if args.sft else draft, "given drafts"
+    if args.model == "smollm2-135m-instruct":
+        try:
+            sft = rj.load("smollm2-135m-instruct-head-sft")
+            aligned = rj.load("smollm2-135m-instruct-head-aligned")
+            return aligned, sft, ("shipped feature-draft heads: SFT (distilled toward the target) and aligned (DPO on "
+                                  "VADER preferences)")
+        except FileNotFoundError:
+            pass
     distilled = os.path.join(draft_cache(), "smollm2-135m-instruct-distilled")
     aligned = os.path.join(draft_cache(), "smollm2-135m-instruct-aligned")
     if args.model == "smollm2-135m-instruct" and os.path.isdir(distilled):
@@ -40,11 +50,15 @@ def demo_drafts(lm, args):
             return rj.load(aligned), sft, "trained drafts: distilled (SFT) and DPO-aligned on VADER preferences"
         return sft, sft, "distilled draft (no aligned draft yet: SSS then samples the target exactly)"
     draft = make_draft(lm, DEMO_DRAFT_LAYERS)
-    return draft, draft, ("untrained layer-truncated draft: run `make drafts` to distil and align one (about 30 "
-                          "minutes on two cores); with sft = draft SSS samples the target exactly")
+    return draft, draft, ("untrained layer-truncated draft (no trained drafts found; `make drafts` re-makes the "
+                          "shipped heads); with sft = draft SSS samples the target exactly")
 
 
 def cmd_demo(args) -> int:
+    """Each method on each prompt at batch 1 (the latency a user waits for; compile time apart), then the texts and
+    one table: speed, speed-up over plain decoding, acceptance, VADER."""
+    import numpy as np
+
     import rss_jax as rj
     from rss_jax.report import table
 
@@ -60,20 +74,35 @@ def cmd_demo(args) -> int:
     rows, texts = [], {}
     for name, kw in runs:
         print(f"running {name} ...", flush=True)
-        out = rj.generate(lm, DEMO_PROMPTS, method=name, **kw, **common)
-        row = _stats_row(name, out)
+        outs = [rj.generate(lm, [p], method=name, **kw, **common) for p in DEMO_PROMPTS]
+        wall = sum(o.stats["wall_s"] for o in outs)
+        new = sum(o.stats["new_tokens"] for o in outs)
+        row = {"method": name, "new tokens": new, "wall s": wall, "tokens/s": new / wall,
+               "compile s": sum(o.stats["compile_s"] for o in outs)}
+        if name != "ar" and name != "eft":
+            acc = sum(o.stats["accepted"] for o in outs)
+            blocks = sum(o.stats["row_blocks_total"] for o in outs)
+            rej = sum(sum(o.stats["accepted_histogram"][:-1]) for o in outs)
+            row.update({"acceptance": acc / (args.k * blocks), "alpha_hat": acc / max(acc + rej, 1),
+                        "tokens/target call": new / blocks})
         if reward is not None:
-            resp = [r[:n].tolist() for r, n in zip(out.tokens, out.lengths)]
-            row["VADER"] = float(reward.score(out.prompt_ids, resp).mean())
+            row["VADER"] = float(np.mean([reward.score(o.prompt_ids, [o.tokens[0][:o.lengths[0]].tolist()])[0]
+                                          for o in outs]))
         rows.append(row)
-        texts[name] = out.texts
+        texts[name] = [o.texts[0] if o.texts else str(o.tokens[0]) for o in outs]
+    base = rows[0]["tokens/s"]
+    for r in rows:
+        r["vs ar"] = r["tokens/s"] / base
     for i, prompt in enumerate(DEMO_PROMPTS):
         print(f"\n=== prompt: {prompt}")
         for name, _ in runs:
             print(f"--- {name}:\n{texts[name][i].strip()}")
     print()
-    print(table(rows, title=f"batch {len(DEMO_PROMPTS)}, {args.max_new_tokens} new tokens, T={args.temperature}, "
-                            f"K={args.k}; sd drafts with the SFT draft, eft and sss target the same distribution"))
+    cols = ["method", "new tokens", "wall s", "tokens/s", "vs ar", "acceptance", "alpha_hat", "tokens/target call",
+            "VADER", "compile s"]
+    print(table(rows, cols, title=f"batch 1 per prompt, {len(DEMO_PROMPTS)} prompts, {args.max_new_tokens} new "
+                            f"tokens, T={args.temperature}, K={args.k}; sd drafts with the SFT draft and samples the "
+                            "target; eft and sss sample the same aligned law"))
     return 0
 
 
@@ -107,11 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="AR vs SD vs SSS on the built-in SmolLM2-135M-Instruct")
     d.add_argument("--model", default="smollm2-135m-instruct")
-    d.add_argument("--draft", default=None, help="aligned draft (default: a layer-truncated copy of the model)")
-    d.add_argument("--sft", default=None, help="SFT draft (default: the draft itself)")
+    d.add_argument("--draft", default=None, help="aligned draft, a head or a model (default: the shipped aligned "
+                   "feature-draft head of the built-in model)")
+    d.add_argument("--sft", default=None, help="SFT draft (default: the shipped SFT head; with --draft: the draft)")
     d.add_argument("--k", type=int, default=4)
     d.add_argument("--max-new-tokens", type=int, default=64)
-    d.add_argument("--temperature", type=float, default=0.7)
+    d.add_argument("--temperature", type=float, default=0.8)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo)
 

@@ -47,8 +47,22 @@ def write_json(path: str, data) -> str:
     return path
 
 
+def processor() -> str:
+    """The CPU model name (from /proc/cpuinfo on Linux), or the platform's processor string."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     import platform
 
     import jax
-    return f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}, jax {jax.__version__}"
+    return (f"{processor()} ({platform.machine()}), {os.cpu_count()} cores, {jax.devices()[0].platform}, "
+            f"jax {jax.__version__}")

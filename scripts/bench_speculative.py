@@ -1,142 +1,242 @@
-"""Speculative engine speed on the real SmolLM2-135M-Instruct: AR, SD, EFT and SSS measured in one run.
+"""Speculative decoding on the real SmolLM2-135M-Instruct: AR, SD, EFT and SSS with the shipped feature-draft heads
+(and with the separate-model v2 drafts when they are present), measured in one run.
 
-    .venv/bin/python scripts/bench_speculative.py              # drafts of `make drafts` (else truncated), K in 2, 4, 8
-    .venv/bin/python scripts/bench_speculative.py --draft DIR --sft DIR
-    .venv/bin/python scripts/bench_speculative.py --layers 0,1,2,3,28,29   # an untrained layer-truncated draft
+    .venv/bin/python scripts/bench_speculative.py                    # the shipped heads; v2 drafts from the cache
+    .venv/bin/python scripts/bench_speculative.py --quality-prompts 100 --k 2 3 4 6
 
-For every K: tokens/s, acceptance, alpha_hat and tokens per target call of SD and SSS (exact mode), next to AR and
-EFT (same distribution as exact SSS, three forwards per token). The *theoretical* speed-up over AR of a block is
-E[tokens] / cost, E[tokens] = (1 - a^(K+1)) / (1 - a) with a = alpha_hat, and c = the measured cost of one draft step
-relative to one target step: SD costs 1 + K c per block (K draft steps, one target verification); SSS costs
-1 + (K + 1) c + c (one more draft step gives the aligned draft's row K; the SFT draft verifies the block).
-A verification of K+1 tokens is counted as one target step (memory-bound decoding). measured / theoretical shows the
-engine's overhead.
-For SSS rows the table also gives the alpha_hat at which this cost model would put SSS at 2x EFT (the issue's goal).
-Batch 1, eos disabled (every run makes exactly --new-tokens tokens), best of --repeats runs after a compile run.
-Writes results/bench_speculative.json and prints a table.
+Two parts, both batch 1 (each prompt alone: the latency a user waits for), float32, T = 0.8, no EOS stop (every run
+makes exactly --new-tokens tokens), held-out prompts (data/prompts_eval.jsonl: topics the heads never saw):
+1. K sweep on --sweep-prompts prompts: SD (SFT head) and SSS exact (aligned + SFT heads) for every K, EFT with the
+   heads, and the same with the v2 drafts. Per-offset acceptance alpha_i, tokens per target call, tokens/s, speed-up
+   over AR and over EFT, and the cost model's prediction.
+2. Quality on --quality-prompts prompts at --quality-k: AR, SD, EFT and SSS; mean VADER with its standard error,
+   and tokens/s over all of them.
+
+Cost model. c = one head drafting step (1-token head forward + logits over D) / one target step; v_K = one target
+forward over K+1 tokens / one target step; r_K = one (K+1)-token head re-run / one target step (each timed alone,
+jitted, cached, batch 1). Tokens per block E = (1 - a^(K+1)) / (1 - a) with a = alpha_hat. Predicted speed-up over
+AR: SD E / (v_K + K c + r_K); SSS E / (v_K + K c + 2 r_K); EFT 1 / (1 + 2 r_0).
+Writes results/bench_speculative.json and prints the tables.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import math
 import os
 import sys
+import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-PROMPTS = ["Write a short, kind note to a friend who is sad.", "Explain photosynthesis to a child.",
-           "Give me three tips for a good night's sleep."]
+
+def eval_prompts(n: int) -> list[str]:
+    with open(os.path.join(ROOT, "data", "prompts_eval.jsonl")) as f:
+        rows = [json.loads(line)["prompt"] for line in f if line.strip()]
+    return rows[:n]
 
 
-def alpha_for_speedup(target: float, k: int, c: float):
-    """The per-token acceptance at which SSS (cost 1 + (K+2) c per block) would run `target` times faster than EFT
-    (1 + 2c per token) by the same cost model; None if even alpha = 1 falls short at this K and c."""
-    def speedup(a):
-        expected = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
-        return (1 + 2 * c) * expected / (1 + (k + 2) * c)
-    if speedup(1.0) < target:
-        return None
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if speedup(mid) < target else (lo, mid)
-    return hi
+def step_costs(lm, head, ks, repeats=20):
+    """Times (ms) of: one target step, a target forward over K+1 tokens, one head drafting step, one (K+1)-token
+    head re-run (all cached, batch 1, jitted, after warm-up)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from rss_jax.cache import init_cache
+    cap, start = 256, 48
+    tgt = lm.module
+    hm = head.module
+    emb = tgt.token_embeddings()
+    rows = jnp.take(tgt.output_matrix(), jnp.asarray(head.config.token_ids), axis=0)
+    taps = tuple(head.config.taps)
+
+    @jax.jit
+    def target_fwd(state, tokens, cache):
+        m = nnx.merge(lm.graphdef, state)
+        logits, cache, t = m(tokens, cache=cache, lengths=jnp.full((1,), start, jnp.int32), taps=taps)
+        return logits, t
+
+    @functools.partial(jax.jit, static_argnums=4)
+    def head_fwd(state, feat, tokens, cache, with_logits):
+        m = nnx.merge(head.graphdef, state)
+        out = m(feat, tokens, emb, rows if with_logits else None, cache=cache, lengths=jnp.full((1,), start, jnp.int32))
+        return out[0] if with_logits else out[1]
+
+    def timed(fn, *a):
+        jax.block_until_ready(fn(*a))
+        best = math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                r = fn(*a)
+            jax.block_until_ready(r)
+            best = min(best, (time.perf_counter() - t0) / repeats)
+        return best * 1e3
+
+    tc = init_cache(lm.config, 1, cap)
+    hc = init_cache(head.config, 1, cap)
+    e = lm.config.hidden_size
+    out = {"target_1": timed(target_fwd, lm.state, jnp.zeros((1, 1), jnp.int32), tc)}
+    out["head_step"] = timed(lambda s, f, t, c: head_fwd(s, f, t, c, True), head.state,
+                             jnp.zeros((1, 1, e)), jnp.zeros((1, 1), jnp.int32), hc)
+    for k in sorted(set(ks) | {0}):
+        out[f"target_{k + 1}"] = timed(target_fwd, lm.state, jnp.zeros((1, k + 1), jnp.int32), tc)
+        for logits in (True, False):
+            out[f"rerun_{k + 1}{'' if logits else '_nologits'}"] = timed(
+                lambda s, f, t, c, lg=logits: head_fwd(s, f, t, c, lg), head.state, jnp.zeros((1, k + 1, e)),
+                jnp.zeros((1, k + 1), jnp.int32), hc)
+    return out
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--draft", default=None, help="aligned draft folder (default: the drafts of `make drafts` if "
-                    "present, else a layer-truncated copy of the target)")
-    ap.add_argument("--sft", default=None, help="SFT draft for SSS/EFT (default: the draft)")
-    ap.add_argument("--layers", default=None, help="use an untrained draft with these target layers, e.g. 0,1,2,29")
-    ap.add_argument("--k", type=int, nargs="*", default=[2, 4, 8])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sft-head", default="smollm2-135m-instruct-head-sft")
+    ap.add_argument("--aligned-head", default="smollm2-135m-instruct-head-aligned")
+    ap.add_argument("--v2-draft", default=None, help="aligned v2 draft folder (default: `make drafts`' cache)")
+    ap.add_argument("--v2-sft", default=None, help="distilled v2 draft folder (default: `make drafts`' cache)")
+    ap.add_argument("--k", type=int, nargs="*", default=[2, 3, 4, 6])
+    ap.add_argument("--sweep-prompts", type=int, default=6)
+    ap.add_argument("--quality-prompts", type=int, default=100)
+    ap.add_argument("--quality-k", type=int, default=None, help="K of the quality part (default: the sweep's "
+                    "fastest SSS K)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--draft-top-k", type=int, default=None,
-                    help="filter the proposal to its top k (SPEC 2.5: the paper uses 40); the output law is unchanged")
-    ap.add_argument("--out", default="results/bench_speculative.json")
+    ap.add_argument("--draft-top-k", type=int, default=None)
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_speculative.json"))
     args = ap.parse_args()
 
+    import numpy as np
+
     import rss_jax as rj
+    from rss_jax.cli import draft_cache
+    from rss_jax.decoding.speculative import acceptance_by_offset
     from rss_jax.report import machine, table, write_json
-    from training import make_draft
 
+    t_start = time.time()
     lm = rj.load("smollm2-135m-instruct")
-    if args.draft:
-        draft = rj.load(args.draft)
-        sft = rj.load(args.sft) if args.sft else draft
-    elif args.layers:
-        draft = sft = make_draft(lm, [int(x) for x in args.layers.split(",")])
-    else:  # the trained drafts of `make drafts` when present, else untrained truncated copies (as the demo)
-        from rss_jax.cli import demo_drafts
-        draft, sft, what = demo_drafts(lm, argparse.Namespace(draft=None, sft=None, model="smollm2-135m-instruct"))
-        print(what)
-    common = dict(max_new_tokens=args.new_tokens, temperature=args.temperature, eos=[], seed=0)
-
+    sft, aligned = rj.load(args.sft_head), rj.load(args.aligned_head)
+    v2 = None
+    v2d = args.v2_draft or os.path.join(draft_cache(), "smollm2-135m-instruct-aligned")
+    v2s = args.v2_sft or os.path.join(draft_cache(), "smollm2-135m-instruct-distilled")
+    if os.path.isdir(v2d) and os.path.isdir(v2s):
+        v2 = (rj.load(v2d), rj.load(v2s))
+    else:
+        print(f"v2 drafts not found ({v2s}, {v2d}); `make drafts-v2` re-makes them (about 90 min); their rows are "
+              "left out", flush=True)
     reward = rj.rewards.vader_reward(lm.tokenizer)
+    common = dict(max_new_tokens=args.new_tokens, temperature=args.temperature, eos=[])
 
-    def run(model, **kw):
-        """Best tokens/s over the prompts (batch 1 each), best of --repeats; stats summed over prompts; the mean
-        VADER reward of the responses (which shows the reward shift of SSS against AR and SD)."""
-        tot_tokens = tot_time = 0.0
-        rewards = []
-        acc = blocks = rej = 0
-        for prompt in PROMPTS:
-            rj.generate(model, [prompt], **kw, **common)  # compile
-            best = None
-            for _ in range(args.repeats):
-                out = rj.generate(model, [prompt], **kw, **common)
-                if best is None or out.stats["wall_s"] < best.stats["wall_s"]:
-                    best = out
-            s = best.stats
-            rewards.append(float(reward.score(best.prompt_ids, [best.tokens[0][:best.lengths[0]].tolist()])[0]))
-            tot_tokens += s["new_tokens"]
-            tot_time += s["wall_s"]
-            if "accepted" in s:
-                acc += s["accepted"]
-                blocks += s["blocks"]
-                rej += sum(s["accepted_histogram"][:-1])
-        res = {"tok/s": tot_tokens / tot_time, "tokens": tot_tokens, "wall s": tot_time,
-               "VADER": sum(rewards) / len(rewards)}
-        if blocks:
-            k = kw.get("k", 0)
-            res.update({"acceptance": acc / (k * blocks) if k else None,
-                        "alpha_hat": acc / (acc + rej) if acc + rej else 0.0,
-                        "tokens/target call": tot_tokens / blocks})
+    def run(prompts, method, seed0=0, **kw):
+        """Each prompt alone (batch 1) after one compile call; stats summed over prompts."""
+        rj.generate(lm, prompts[:1], method=method, seed=seed0, **kw, **common)  # compile
+        wall = new = 0.0
+        hist, vader = None, []
+        for i, p in enumerate(prompts):
+            out = rj.generate(lm, [p], method=method, seed=seed0 + i, **kw, **common)
+            wall += out.stats["wall_s"]
+            new += out.stats["new_tokens"]
+            vader.append(float(reward.score(out.prompt_ids, [out.tokens[0][:out.lengths[0]].tolist()])[0]))
+            h = out.stats.get("accepted_histogram")
+            if h is not None:
+                hist = np.asarray(h) if hist is None else hist + np.asarray(h)
+        res = {"tok/s": new / wall, "wall s": wall, "tokens": new, "VADER": float(np.mean(vader)),
+               "VADER se": float(np.std(vader, ddof=1) / math.sqrt(len(vader))) if len(vader) > 1 else None,
+               "vader_all": vader}
+        if hist is not None and len(hist) > 1:
+            k = len(hist) - 1
+            blocks = hist.sum()
+            acc = int((hist * np.arange(k + 1)).sum())
+            rej = int(hist[:k].sum())
+            res.update({"alpha_hat": acc / max(acc + rej, 1), "acceptance": acc / (k * blocks),
+                        "alpha_i": [round(x, 3) for x in acceptance_by_offset(hist)],
+                        "tokens/target call": new / blocks})
         return res
 
-    ar = run(lm, method="ar")
-    draft_ar = run(draft, method="ar")
-    c = ar["tok/s"] / draft_ar["tok/s"]  # draft step cost relative to a target step
-    eft = run(lm, method="eft", draft=draft, sft=sft)
-    rows = [dict(method="ar", K=None, **ar, **{"vs ar": 1.0}),
-            dict(method="draft alone (ar)", K=None, **draft_ar, **{"vs ar": draft_ar["tok/s"] / ar["tok/s"]}),
-            dict(method="eft", K=None, **eft, **{"vs ar": eft["tok/s"] / ar["tok/s"]})]
+    costs = step_costs(lm, sft, args.k)
+    t1 = costs["target_1"]
+    c = costs["head_step"] / t1
+    print(f"step costs (ms): {json.dumps({k: round(v, 2) for k, v in costs.items()})}; c = {c:.3f}", flush=True)
+
+    def predict(method, k, a):
+        e_tok = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
+        vk = costs[f"target_{k + 1}"] / t1
+        if method == "sd":
+            return e_tok / (vk + k * c + costs[f"rerun_{k + 1}_nologits"] / t1)
+        return e_tok / (vk + k * c + 2 * costs[f"rerun_{k + 1}"] / t1)
+
+    prompts = eval_prompts(max(args.sweep_prompts, args.quality_prompts))
+    sweep = prompts[:args.sweep_prompts]
+    rows = []
+    ar = run(sweep, "ar")
+    eft = run(sweep, "eft", draft=aligned, sft=sft)
+    eft_pred = 1.0 / (1 + 2 * costs["rerun_1"] / t1)
+    rows.append(dict(method="ar", draft="-", K=None, **ar, **{"vs ar": 1.0}))
+    rows.append(dict(method="eft", draft="heads", K=None, **eft, **{"vs ar": eft["tok/s"] / ar["tok/s"],
+                                                                    "predicted vs ar": eft_pred}))
+    if v2 is not None:
+        eft2 = run(sweep, "eft", draft=v2[0], sft=v2[1])
+        rows.append(dict(method="eft", draft="v2", K=None, **eft2, **{"vs ar": eft2["tok/s"] / ar["tok/s"]}))
     for k in args.k:
         for method in ("sd", "sss"):
-            r = run(lm, method=method, draft=draft, sft=sft, k=k, draft_top_k=args.draft_top_k)
-            a = r["alpha_hat"]
-            expected = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
-            theory = expected / (1 + k * c) if method == "sd" else expected / (1 + (k + 1) * c + c)
-            measured = r["tok/s"] / ar["tok/s"]
-            row = dict(method=method, K=k, **r, **{"vs ar": measured, "theory vs ar": theory,
-                                                   "of theory": measured / theory})
-            if method == "sss":  # EFT samples the same law at 1 + 2c per token
-                row.update({"vs eft": r["tok/s"] / eft["tok/s"], "theory vs eft": theory * (1 + 2 * c),
-                            "alpha for 2x eft": alpha_for_speedup(2.0, k, c)})
+            kw = dict(draft=sft, k=k) if method == "sd" else dict(draft=aligned, sft=sft, k=k)
+            r = run(sweep, method, draft_top_k=args.draft_top_k, **kw)
+            row = dict(method=method, draft="heads", K=k, **r, **{"vs ar": r["tok/s"] / ar["tok/s"],
+                                                                 "predicted vs ar": predict(method, k, r["alpha_hat"])})
+            if method == "sss":
+                row["vs eft"] = r["tok/s"] / eft["tok/s"]
             rows.append(row)
-        print(table(rows[-2:]), flush=True)
-    cols = ["method", "K", "tok/s", "vs ar", "theory vs ar", "of theory", "vs eft", "theory vs eft",
-            "alpha for 2x eft", "acceptance",
-            "alpha_hat", "VADER",
-            "tokens/target call"]
-    title = (f"batch 1, {args.new_tokens} new tokens, T={args.temperature}, draft_top_k={args.draft_top_k}, "
-             f"draft {draft.source} "
-             f"(cost ratio c={c:.2f}), {machine()}")
+            if v2 is not None:
+                kw2 = dict(draft=v2[1], k=k) if method == "sd" else dict(draft=v2[0], sft=v2[1], k=k)
+                r2 = run(sweep, method, draft_top_k=args.draft_top_k, **kw2)
+                row2 = dict(method=method, draft="v2", K=k, **r2, **{"vs ar": r2["tok/s"] / ar["tok/s"]})
+                if method == "sss":
+                    row2["vs eft"] = r2["tok/s"] / eft2["tok/s"]
+                rows.append(row2)
+        print(table([{k2: v for k2, v in r.items() if k2 not in ("vader_all", "alpha_i")} for r in rows[-2:]]),
+              flush=True)
+    cols = ["method", "draft", "K", "tok/s", "vs ar", "predicted vs ar", "vs eft", "alpha_hat", "alpha_i",
+            "tokens/target call", "VADER"]
+    title = (f"K sweep: batch 1, {len(sweep)} held-out prompts, {args.new_tokens} new tokens, T={args.temperature}, "
+             f"no EOS stop, float32; c = {c:.3f}; {machine()}")
     print()
-    print(table(rows, cols, title=title))
-    write_json(args.out, {"machine": machine(), "draft": draft.source, "sft": sft.source, "cost_ratio": c,
-                          "rows": rows, "command": " ".join(sys.argv)})
+    print(table([{k2: (str(v) if k2 == "alpha_i" else v) for k2, v in r.items()} for r in rows], cols, title=title))
+
+    # quality: the fastest SSS K of the sweep unless given
+    sss_rows = [r for r in rows if r["method"] == "sss" and r["draft"] == "heads"]
+    qk = args.quality_k or max(sss_rows, key=lambda r: r["tok/s"])["K"]
+    sd_rows = [r for r in rows if r["method"] == "sd" and r["draft"] == "heads"]
+    qk_sd = max(sd_rows, key=lambda r: r["tok/s"])["K"]
+    qp = prompts[:args.quality_prompts]
+    quality = []
+    q_ar = run(qp, "ar", seed0=1000)
+    quality.append(dict(method="ar", K=None, **q_ar, **{"vs ar": 1.0}))
+    q_sd = run(qp, "sd", seed0=1000, draft=sft, k=qk_sd, draft_top_k=args.draft_top_k)
+    quality.append(dict(method="sd", K=qk_sd, **q_sd, **{"vs ar": q_sd["tok/s"] / q_ar["tok/s"]}))
+    q_eft = run(qp, "eft", seed0=1000, draft=aligned, sft=sft)
+    quality.append(dict(method="eft", K=None, **q_eft, **{"vs ar": q_eft["tok/s"] / q_ar["tok/s"]}))
+    q_sss = run(qp, "sss", seed0=1000, draft=aligned, sft=sft, k=qk, draft_top_k=args.draft_top_k)
+    quality.append(dict(method="sss", K=qk, **q_sss, **{"vs ar": q_sss["tok/s"] / q_ar["tok/s"],
+                                                        "vs eft": q_sss["tok/s"] / q_eft["tok/s"]}))
+    gap = q_sss["VADER"] - q_ar["VADER"]
+    gap_se = math.sqrt(q_sss["VADER se"] ** 2 + q_ar["VADER se"] ** 2)
+    qcols = ["method", "K", "tok/s", "vs ar", "vs eft", "alpha_hat", "alpha_i", "tokens/target call", "VADER",
+             "VADER se"]
+    qtitle = (f"quality: batch 1, {len(qp)} held-out prompts, {args.new_tokens} new tokens, T={args.temperature}, "
+              f"no EOS stop; SSS - AR VADER = {gap:.3f} ({gap / gap_se:.1f} standard errors)")
+    print()
+    print(table([{k2: (str(v) if k2 == "alpha_i" else v) for k2, v in r.items()} for r in quality], qcols,
+                title=qtitle))
+    for r in rows + quality:
+        r.pop("vader_all", None)
+    write_json(args.out, {"machine": machine(), "command": " ".join(sys.argv), "sft_head": sft.source,
+                          "aligned_head": aligned.source, "v2": [m.source for m in v2] if v2 else None,
+                          "step_costs_ms": costs, "c": c, "sweep": rows, "quality": quality,
+                          "vader_gap": gap, "vader_gap_se": gap_se, "total_s": time.time() - t_start})
 
 
 if __name__ == "__main__":

@@ -524,7 +524,7 @@ def records_from_jsonl(path: str, kind: str, tokenizer, vocab_size: int, max_len
 def run_recipe(args) -> dict:
     """`rss-jax train head-distill` / `head-dpo` from parsed arguments; returns a summary dict."""
     import rss_jax
-    from training.draft import draft_vocabulary
+    from training.draft import frequent_token_ids
     target = rss_jax.load(args.target)
     if getattr(target, "is_feature_head", False):
         raise ValueError(f"--target {args.target!r} is a feature-draft head; pass the full model it drafts for")
@@ -547,8 +547,8 @@ def run_recipe(args) -> dict:
             taps = tuple(int(t) for t in args.taps.split(",")) if args.taps else None
             ids = None
             if args.vocab:
-                ids = draft_vocabulary([r["response_ids"] for r in records], args.vocab,
-                                       always=target.eos_token_ids)
+                ids = frequent_token_ids([r["response_ids"] for r in records], args.vocab,
+                                         always=target.eos_token_ids)
             head = rss_jax.heads.new_head(target, taps=taps, token_ids=ids, seed=args.seed)
         reference, pairs = None, None
     else:
