@@ -128,6 +128,8 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
         w_out = target.output_matrix()
         # W[D] once per decode call, outside the loop
         rows_d = jnp.take(w_out, jnp.asarray(draft.config.token_ids), axis=0)
+        draft_ids = jnp.asarray(draft.config.token_ids, jnp.int32)
+        draft_ok = draft_ids < min(v, usable or v)  # ids fit_vocab keeps (a tokenizer may be smaller)
         rows_s = jnp.take(w_out, jnp.asarray(sft.config.token_ids), axis=0) if sft is not None else None
 
         def head_logits(model, logits_d):
@@ -177,7 +179,9 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
                     c_d, feat, x = hc
                     logits, hid, c_d = draft(feat, x[:, None], embed, rows_d, cache=c_d, lengths=head_len + j)
                     l = head_logits(draft, logits[:, 0])
-                    d = sample_draft(j, l)
+                    # sample in the draft vocabulary (|D| Gumbel draws instead of |V|): the same law as sampling
+                    # the full-vocabulary row l, which is -inf outside D, and q below is computed from l
+                    d = draft_ids[sample_draft(j, jnp.where(draft_ok, logits[:, 0], -jnp.inf))]
                     return (c_d, hid.astype(feat.dtype), d), (l, d)
 
                 (c_d, _, _), (l_d, d_all) = jax.lax.scan(head_step, (c_d, feat_d(tap_prev[:, None]), pending),
