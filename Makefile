@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast drafts clean
+.PHONY: demo test test-fast drafts drafts-v2 clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,20 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m rss_jax.cli demo
 
-# distil a draft of the built-in model, then align it with DPO on VADER preferences (about 90 min on 2 cores):
-# 1. a 7-layer truncation distilled on 136 prompts (200 steps); 2. its head trimmed to 16384 tokens and distilled
-# further on 2 responses to each of 536 prompts (320 steps); 3. DPO on the draft's own VADER preference pairs.
-# `make demo` and scripts/bench_speculative.py then use them for SD, EFT and SSS
-DRAFTS := $(or $(RSS_JAX_CACHE),$(HOME)/.cache/rss_jax)/drafts
+# re-make the shipped feature-draft heads of the built-in model (rss_jax/assets/heads; see docs/feature_heads.md):
+# 1. the target samples 120 held-out and 2432 training responses (T 0.8, 128 tokens; cached and resumable);
+# 2. an SFT head is distilled toward the target on its tapped features (multi-step loss), then a copy is aligned
+#    with DPO on VADER-ranked pairs of those responses. About 90 minutes on two cores.
+HEAD_DATA := $(or $(RSS_JAX_CACHE),$(HOME)/.cache/rss_jax)/head_data
 drafts: $(STAMP)
+	$(PY) scripts/sample_target.py --prompts data/prompts_eval.jsonl --limit 120 --batch 40 --seed 1 --out $(HEAD_DATA)/eval.jsonl
+	$(PY) scripts/sample_target.py --prompts data/prompts_train.jsonl --responses 2 --max-total 2432 --batch 64 --out $(HEAD_DATA)/train.jsonl
+	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --steps 450 --eval-every 150 --learning-rate 1e-3 --dpo-steps 150 --save rss_jax/assets/heads
+
+# the earlier separate-model drafts (v2: a 7-layer truncation with a 16k head, distilled, then DPO), which
+# scripts/bench_speculative.py compares with the heads when they are in the cache (about 90 min on 2 cores)
+DRAFTS := $(or $(RSS_JAX_CACHE),$(HOME)/.cache/rss_jax)/drafts
+drafts-v2: $(STAMP)
 	$(PY) scripts/distill_draft.py --steps 200 --new-tokens 64 --held-out 24 --save $(DRAFTS)/smollm2-135m-instruct-distilled-base
 	$(PY) scripts/distill_draft.py --more-prompts --responses-per-prompt 2 --new-tokens 64 --held-out 24 --sample-batch 32 --data-cache $(DRAFTS)/../distill_data/smollm2-620x2-64.json --init $(DRAFTS)/smollm2-135m-instruct-distilled-base --head-vocab 16384 --steps 320 --learning-rate 1e-4 --save $(DRAFTS)/smollm2-135m-instruct-distilled --out results/distill_draft_v2.json
 	$(PY) scripts/align_draft.py --sft $(DRAFTS)/smollm2-135m-instruct-distilled --save $(DRAFTS)/smollm2-135m-instruct-aligned --learning-rate 5e-5 --steps 120

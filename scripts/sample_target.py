@@ -52,11 +52,15 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    ap.add_argument("--max-total", type=int, default=None,
+                    help="stop after this many responses in all (jobs run response 0 of every prompt first, then "
+                    "response 1, ...; the shipped heads used 2432 = 1680 + 752)")
     a = ap.parse_args()
 
     texts = read_prompts(a.prompts)[: a.limit]
     seen = done_pairs(a.out)
-    jobs = [(i, r) for r in range(a.responses) for i in range(len(texts)) if (i, r) not in seen]
+    jobs = [(i, r) for r in range(a.responses) for i in range(len(texts))][: a.max_total]
+    jobs = [j for j in jobs if j not in seen]
     print(f"{len(seen)} responses already in {a.out}; sampling {len(jobs)} more", flush=True)
     if not jobs:
         return
