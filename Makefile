@@ -19,15 +19,19 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m rss_jax.cli demo
 
-# re-make the shipped feature-draft heads of the built-in model (rss_jax/assets/heads; see docs/feature_heads.md):
-# 1. the target samples 120 held-out and 2432 training responses (T 0.8, 128 tokens; cached and resumable);
-# 2. an SFT head is distilled toward the target on its tapped features (multi-step loss), then a copy is aligned
-#    with DPO on VADER-ranked pairs of those responses. About 90 minutes on two cores.
+# re-make the shipped feature-draft heads of the built-in model (rss_jax/assets/heads; docs/feature_heads.md), in
+# the two stages they were made in: (1) the target samples 120 held-out and 2432 training responses (T 0.8, up to
+# 128 tokens; cached, resumable) and an SFT head is distilled on its tapped features (multi-step loss, 450 steps);
+# (2) 928 more responses, 500 more steps from that head with a total-variation term, then DPO of a copy on
+# VADER-ranked pairs of the responses (reference: the SFT head). About 100 minutes on two cores.
 HEAD_DATA := $(or $(RSS_JAX_CACHE),$(HOME)/.cache/rss_jax)/head_data
+HEADS := rss_jax/assets/heads
 drafts: $(STAMP)
 	$(PY) scripts/sample_target.py --prompts data/prompts_eval.jsonl --limit 120 --batch 40 --seed 1 --out $(HEAD_DATA)/eval.jsonl
 	$(PY) scripts/sample_target.py --prompts data/prompts_train.jsonl --responses 2 --max-total 2432 --batch 64 --out $(HEAD_DATA)/train.jsonl
-	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --steps 450 --eval-every 150 --learning-rate 1e-3 --dpo-steps 150 --save rss_jax/assets/heads
+	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --steps 450 --eval-every 150 --learning-rate 1e-3 --dpo-steps 0 --run-name run1 --save $(HEADS) --out results/train_heads_stage1.json
+	$(PY) scripts/sample_target.py --prompts data/prompts_train.jsonl --responses 2 --max-total 3360 --batch 64 --out $(HEAD_DATA)/train.jsonl
+	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --init $(HEADS)/smollm2-135m-instruct-sft --steps 500 --eval-every 250 --learning-rate 1e-3 --tv-weight 0.5 --dpo-steps 150 --run-name run2 --save $(HEADS) --out results/train_heads.json
 
 # the earlier separate-model drafts (v2: a 7-layer truncation with a 16k head, distilled, then DPO), which
 # scripts/bench_speculative.py compares with the heads when they are in the cache (about 90 min on 2 cores)

@@ -87,6 +87,7 @@ class FeatureDraft:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         flat = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype)) for k, v in self.params().items()}
         with atomic_folder(path) as tmp:
+            os.chmod(tmp, 0o755)  # a temporary folder is private; a saved head is readable like any checkpoint
             save_file(flat, os.path.join(tmp, WEIGHTS))
             with open(os.path.join(tmp, MARKER), "w") as f:
                 json.dump({"format": 1, "kind": KIND, "config": self.config.to_json()}, f, indent=1)

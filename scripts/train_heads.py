@@ -34,16 +34,33 @@ from training.draft import frequent_token_ids  # noqa: E402
 def read_records(path):
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return sorted(rows, key=lambda r: (r["i"], r["r"]))
+    return rows  # file order: responses added later come last
 
 
 def features(lm, records, taps, temperature, path, width):
+    """The FeatureSet of `records`, reusing the rows of the cache at `path` that hold the same token sequences (so
+    adding responses only runs the target over the new ones)."""
+    cached, where = None, {}
     if os.path.exists(path):
-        fs = th.FeatureSet.load(path)
-        if fs.meta.get("taps") == list(taps) and len(fs) == len(records) and fs.tokens.shape[1] == width:
-            print(f"read cached features {path}", flush=True)
-            return fs
-    fs = th.extract_features(lm, records, taps, temperature, width=width, batch_size=8)
+        cached = th.FeatureSet.load(path)
+        if cached.meta.get("taps") == list(taps) and cached.tokens.shape[1] == width and \
+                cached.meta.get("temperature") == temperature:
+            where = {tuple(cached.tokens[i, :cached.lengths[i]].tolist()): i for i in range(len(cached))}
+    seqs = [tuple(r["prompt_ids"] + r["response_ids"]) for r in records]
+    missing = [j for j, s in enumerate(seqs) if s not in where]
+    if not missing:
+        print(f"read cached features {path}", flush=True)
+        return cached.subset([where[s] for s in seqs])
+    new = th.extract_features(lm, [records[j] for j in missing], taps, temperature, width=width, batch_size=8)
+    if not where:  # nothing reusable: every record is new
+        fs = new
+    else:
+        print(f"reused {len(records) - len(missing)} cached rows of {path}", flush=True)
+        pos = {j: n for n, j in enumerate(missing)}
+        src = [(new, pos[j]) if j in pos else (cached, where[s]) for j, s in enumerate(seqs)]
+        fs = th.FeatureSet(*(np.stack([getattr(f, name)[i] for f, i in src])
+                             for name in ("tokens", "lengths", "prompt_lens", "taps", "final", "lse")),
+                           meta=dict(new.meta))
     fs.save(path)
     return fs
 
@@ -70,6 +87,8 @@ def main():
     ap.add_argument("--dpo-beta", type=float, default=0.1)
     ap.add_argument("--consistency", type=float, default=1.0)
     ap.add_argument("--min-gap", type=float, default=0.1, help="DPO pairs need this VADER gap")
+    ap.add_argument("--run-name", default="run1", help="runs/<name>-sft and runs/<name>-dpo under --data hold the "
+                    "metrics and checkpoints")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "train_heads.json"))
     a = ap.parse_args()
     t_start = time.time()
@@ -103,7 +122,7 @@ def main():
         cfg = th.HeadTrainConfig(steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate,
                                  warmup=min(50, a.steps // 10), ttt_steps=a.ttt_steps, temperature=a.temperature,
                                  tv_weight=a.tv_weight, eval_every=a.eval_every,
-                                 output=os.path.join(a.data, "runs", "sft"))
+                                 output=os.path.join(a.data, "runs", f"{a.run_name}-sft"))
         t0 = time.time()
         sft, log = th.train_head(lm, head, fs, cfg, eval_set=ev)
         report["sft_train_s"] = time.time() - t0
@@ -134,7 +153,7 @@ def main():
         cfg = th.HeadTrainConfig(steps=a.dpo_steps, batch_size=a.batch_size, learning_rate=a.dpo_learning_rate,
                                  warmup=min(20, a.dpo_steps // 10), ttt_steps=a.ttt_steps,
                                  temperature=a.temperature, beta=a.dpo_beta, consistency=a.consistency,
-                                 output=os.path.join(a.data, "runs", "dpo"))
+                                 output=os.path.join(a.data, "runs", f"{a.run_name}-dpo"))
         t0 = time.time()
         aligned, log = th.train_head(lm, sft, fs, cfg, mode="dpo", reference=sft, pairs=pairs)
         report["dpo_train_s"] = time.time() - t0
