@@ -89,6 +89,7 @@ class FeatureDraft:
         with atomic_folder(path) as tmp:
             os.chmod(tmp, 0o755)  # a temporary folder is private; a saved head is readable like any checkpoint
             save_file(flat, os.path.join(tmp, WEIGHTS))
+            os.chmod(os.path.join(tmp, WEIGHTS), 0o644)
             with open(os.path.join(tmp, MARKER), "w") as f:
                 json.dump({"format": 1, "kind": KIND, "config": self.config.to_json()}, f, indent=1)
         return path
