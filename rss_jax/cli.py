@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--draft", default=None, help="aligned draft, a head or a model (default: the shipped aligned "
                    "feature-draft head of the built-in model)")
     d.add_argument("--sft", default=None, help="SFT draft (default: the shipped SFT head; with --draft: the draft)")
-    d.add_argument("--k", type=int, default=4)
+    d.add_argument("--k", type=int, default=3, help="draft tokens per block (3: the fastest SSS K of scripts/bench_speculative.py)")
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--temperature", type=float, default=0.8)
     d.add_argument("--seed", type=int, default=0)
