@@ -60,6 +60,7 @@ def cmd_demo(args) -> int:
     import numpy as np
 
     import rss_jax as rj
+    from rss_jax.decoding.speculative import pooled_stats
     from rss_jax.report import table
 
     t0 = time.perf_counter()
@@ -79,12 +80,10 @@ def cmd_demo(args) -> int:
         new = sum(o.stats["new_tokens"] for o in outs)
         row = {"method": name, "new tokens": new, "wall s": wall, "tokens/s": new / wall,
                "compile s": sum(o.stats["compile_s"] for o in outs)}
-        if name != "ar" and name != "eft":
-            acc = sum(o.stats["accepted"] for o in outs)
-            blocks = sum(o.stats["row_blocks_total"] for o in outs)
-            rej = sum(sum(o.stats["accepted_histogram"][:-1]) for o in outs)
-            row.update({"acceptance": acc / (args.k * blocks), "alpha_hat": acc / max(acc + rej, 1),
-                        "tokens/target call": new / blocks})
+        if name in ("sd", "sss"):
+            pooled = pooled_stats(outs)
+            row.update({"acceptance": pooled["acceptance_rate"], "alpha_hat": pooled["alpha_hat"],
+                        "tokens/target call": pooled["tokens_per_block"]})
         if reward is not None:
             row["VADER"] = float(np.mean([reward.score(o.prompt_ids, [o.tokens[0][:o.lengths[0]].tolist()])[0]
                                           for o in outs]))

@@ -151,12 +151,12 @@ def load_head(path: str, dtype: str = "float32") -> FeatureDraft:
     return from_flat(config, flat, dtype=dtype, source=os.path.abspath(path))
 
 
-def new_head(target, taps=None, token_ids=None, seed: int = 0, warm_start: bool = True) -> FeatureDraft:
+def new_head(target, taps=None, token_ids=None, seed: int = 0, warm_start: bool = False) -> FeatureDraft:
     """A fresh head for `target` (an LM). taps: target layer indices (default: a low, a middle and a high layer);
-    token_ids: the draft vocabulary (default: the full vocabulary). With `warm_start` (Llama-family targets) the
-    decoder layer starts as a copy of the target's last layer, the output norm as the target's final norm, and the
-    input map passes the fused feature through, so training starts from a head that already computes something
-    shaped like the target's top layer."""
+    token_ids: the draft vocabulary (default: the full vocabulary). The default is a random head (std 0.02), as the
+    shipped heads started. With `warm_start` (Llama-family targets) the decoder layer starts as a copy of the
+    target's last layer, the output norm as the target's final norm, and the input map passes the fused feature
+    through (an option for experiments; the shipped heads did not use it)."""
     cfg = target.config
     if taps is None:
         n = cfg.num_layers

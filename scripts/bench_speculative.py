@@ -114,7 +114,7 @@ def main():
 
     import rss_jax as rj
     from rss_jax.cli import draft_cache
-    from rss_jax.decoding.speculative import acceptance_by_offset
+    from rss_jax.decoding.speculative import pooled_stats
     from rss_jax.report import machine, table, write_json
 
     t_start = time.time()
@@ -134,27 +134,18 @@ def main():
     def run(prompts, method, seed0=0, **kw):
         """Each prompt alone (batch 1) after one compile call; stats summed over prompts."""
         rj.generate(lm, prompts[:1], method=method, seed=seed0, **kw, **common)  # compile
-        wall = new = 0.0
-        hist, vader = None, []
-        for i, p in enumerate(prompts):
-            out = rj.generate(lm, [p], method=method, seed=seed0 + i, **kw, **common)
-            wall += out.stats["wall_s"]
-            new += out.stats["new_tokens"]
-            vader.append(float(reward.score(out.prompt_ids, [out.tokens[0][:out.lengths[0]].tolist()])[0]))
-            h = out.stats.get("accepted_histogram")
-            if h is not None:
-                hist = np.asarray(h) if hist is None else hist + np.asarray(h)
+        outs = [rj.generate(lm, [p], method=method, seed=seed0 + i, **kw, **common) for i, p in enumerate(prompts)]
+        wall = sum(o.stats["wall_s"] for o in outs)
+        new = sum(o.stats["new_tokens"] for o in outs)
+        vader = [float(reward.score(o.prompt_ids, [o.tokens[0][:o.lengths[0]].tolist()])[0]) for o in outs]
         res = {"tok/s": new / wall, "wall s": wall, "tokens": new, "VADER": float(np.mean(vader)),
                "VADER se": float(np.std(vader, ddof=1) / math.sqrt(len(vader))) if len(vader) > 1 else None,
                "vader_all": vader}
-        if hist is not None and len(hist) > 1:
-            k = len(hist) - 1
-            blocks = hist.sum()
-            acc = int((hist * np.arange(k + 1)).sum())
-            rej = int(hist[:k].sum())
-            res.update({"alpha_hat": acc / max(acc + rej, 1), "acceptance": acc / (k * blocks),
-                        "alpha_i": [round(x, 3) for x in acceptance_by_offset(hist)],
-                        "tokens/target call": new / blocks})
+        if "accepted_histogram" in outs[0].stats and outs[0].stats["k"]:
+            pooled = pooled_stats(outs)
+            res.update({"alpha_hat": pooled["alpha_hat"], "acceptance": pooled["acceptance_rate"],
+                        "alpha_i": [round(x, 3) for x in pooled["acceptance_by_offset"]],
+                        "tokens/target call": pooled["tokens_per_block"]})
         return res
 
     costs = step_costs(lm, sft, args.k)

@@ -24,6 +24,7 @@ true-feature distribution, so multi-step drafting stays accurate after alignment
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -83,14 +84,13 @@ class FeatureSet:
                    json.loads(str(z["meta"])))
 
 
-def _features_fn(graphdef, taps: tuple, temperature: float):
-    @jax.jit
-    def run(state, tokens):
-        model = nnx.merge(graphdef, state)
-        h, _, tapped = model(tokens, return_hidden=True, taps=taps)
-        lse = jax.nn.logsumexp(model.unembed(h) / temperature, axis=-1)
-        return tapped.astype(jnp.float16), h.astype(jnp.float16), lse
-    return run
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _features(graphdef, taps: tuple, temperature: float, state, tokens):
+    """One jitted function for every extraction call (keyed by graphdef, taps and T): no recompile per call."""
+    model = nnx.merge(graphdef, state)
+    h, _, tapped = model(tokens, return_hidden=True, taps=taps)
+    lse = jax.nn.logsumexp(model.unembed(h) / temperature, axis=-1)
+    return tapped.astype(jnp.float16), h.astype(jnp.float16), lse
 
 
 def extract_features(target, records, taps, temperature: float = 0.8, width: int | None = None,
@@ -110,7 +110,6 @@ def extract_features(target, records, taps, temperature: float = 0.8, width: int
     out_taps = np.zeros((n, width, len(taps), e), np.float16)
     out_final = np.zeros((n, width, e), np.float16)
     out_lse = np.zeros((n, width), np.float32)
-    run = _features_fn(target.graphdef, taps, float(temperature))
     starts = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -120,7 +119,7 @@ def extract_features(target, records, taps, temperature: float = 0.8, width: int
         pad = batch_size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad, width), np.int32)])
-        t, f, l = run(target.state, jnp.asarray(chunk))
+        t, f, l = _features(target.graphdef, taps, float(temperature), target.state, jnp.asarray(chunk))
         m = batch_size - pad
         out_taps[s:s + m], out_final[s:s + m], out_lse[s:s + m] = (np.asarray(t)[:m], np.asarray(f)[:m],
                                                                   np.asarray(l)[:m])
@@ -356,11 +355,6 @@ def evaluate_acceptance(target, head: FeatureDraft, fs: FeatureSet, steps: int =
     for i = 1, its own fed-back features after), i = 1..steps."""
     embed, rows = target_tables(target, head)
     spec = HeadTrainSpec(graphdef=head.graphdef, steps=steps, temperature=temperature)
-
-    @jax.jit
-    def run(params, batch):
-        return _distill_loss(spec, params, batch, embed, rows)[1]
-
     sums, counts = np.zeros(steps), np.zeros(steps)
     for s in range(0, len(fs), batch_size):
         idx = np.arange(s, min(s + batch_size, len(fs)))
@@ -369,13 +363,19 @@ def evaluate_acceptance(target, head: FeatureDraft, fs: FeatureSet, steps: int =
         batch = _batch(fs, idx_p)
         if pad:  # padded rows get length 0: no position counts
             batch["lengths"] = batch["lengths"].at[len(idx):].set(0)
-        met = run(head.state, batch)
-        masks = np.asarray(step_masks(batch["lengths"], batch["prompt_lens"], fs.tokens.shape[1], steps))
-        for j in range(steps):
-            n = masks[j].sum()
-            sums[j] += float(met[f"alpha_{j + 1}"]) * n
-            counts[j] += n
+        alpha_sum, n = _alpha_sums(spec, head.state, batch, embed, rows)
+        sums += np.asarray(alpha_sum)
+        counts += np.asarray(n)
     return (sums / np.maximum(counts, 1)).tolist()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _alpha_sums(spec: HeadTrainSpec, params, batch, embed_table, out_rows):
+    """Per drafting step: (sum over counted positions of sum_v min(p, q_j), number of counted positions)."""
+    met = _distill_loss(spec, params, batch, embed_table, out_rows)[1]
+    masks = step_masks(batch["lengths"], batch["prompt_lens"], batch["tokens"].shape[1], spec.steps)
+    n = masks.sum(axis=(1, 2))
+    return jnp.stack([met[f"alpha_{j + 1}"] for j in range(spec.steps)]) * jnp.maximum(n, 1.0), n
 
 
 def train_head(target, head: FeatureDraft, fs: FeatureSet, cfg: HeadTrainConfig, mode: str = "distill",
@@ -490,18 +490,19 @@ def train_head(target, head: FeatureDraft, fs: FeatureSet, cfg: HeadTrainConfig,
 
 def _reference_logps(target, reference: FeatureDraft, fs: FeatureSet, dv: np.ndarray, batch_size: int):
     embed, rows = target_tables(target, reference)
-
-    @jax.jit
-    def run(params, batch):
-        return response_logps(nnx.merge(reference.graphdef, params), batch, embed, rows, 1)[0]
-
     out = np.zeros(len(fs), np.float32)
     for s in range(0, len(fs), batch_size):
         idx = np.arange(s, min(s + batch_size, len(fs)))
         pad = batch_size - len(idx)
         idx_p = np.concatenate([idx, np.full(pad, idx[0])]) if pad else idx
-        out[idx] = np.asarray(run(reference.state, _batch(fs, idx_p, {"dvocab_index": dv})))[:len(idx)]
+        lp = _ref_logps(reference.graphdef, reference.state, _batch(fs, idx_p, {"dvocab_index": dv}), embed, rows)
+        out[idx] = np.asarray(lp)[:len(idx)]
     return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _ref_logps(graphdef, params, batch, embed_table, out_rows):
+    return response_logps(nnx.merge(graphdef, params), batch, embed_table, out_rows, 1)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ def _dtype(model):
     return jax.tree.leaves(nnx.state(model))[0].dtype
 
 
-def _is_head_module(model) -> bool:
+def _is_head(model) -> bool:
+    """A feature-draft head: a FeatureDraft or its merged module (both carry a HeadConfig)."""
     return getattr(getattr(model, "config", None), "kind", None) == "feature_head"
 
 
@@ -102,7 +103,7 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
     """-> (tokens [B, max_new] int32 padded with -1, per-row statistics dict, blocks run)."""
     target, draft = nnx.merge(gd_t, st_t), nnx.merge(gd_d, st_d)
     sft = nnx.merge(gd_s, st_s) if cfg.three_models else None
-    heads = _is_head_module(draft)  # static: feature-draft heads (both drafts are heads for SSS/EFT)
+    heads = _is_head(draft)  # static: feature-draft heads (both drafts are heads for SSS/EFT)
     b, p = prompt_tokens.shape
     k, n, v = cfg.k, cfg.max_new_tokens, cfg.vocab
     # SD: the target keeps all its rows (the draft's missing ones just get q = 0); SSS/EFT: p~ combines three models,
@@ -329,10 +330,6 @@ def _check_head_vocab(draft, sft) -> None:
             "full-vocabulary SFT draft.")
 
 
-def _is_head(model) -> bool:
-    return bool(getattr(model, "is_feature_head", False))
-
-
 def _check_heads(lm, prompt_ids, draft, sft, three: bool) -> None:
     """Feature-draft heads: both drafts or neither (SSS/EFT), each made for this target (HeadTargetMismatch names the
     field that differs), and prompts of at least two tokens (slot L - 1 needs a feature)."""
@@ -359,6 +356,22 @@ def acceptance_by_offset(hist) -> list:
     hist = np.asarray(hist, np.int64)
     reached = np.cumsum(hist[::-1])[::-1]  # reached[i] = #blocks with a >= i
     return [float(reached[i + 1] / reached[i]) if reached[i] else float("nan") for i in range(len(hist) - 1)]
+
+
+def pooled_stats(outputs) -> dict:
+    """Acceptance statistics of several speculative runs pooled (e.g. one prompt per call at batch 1): the summed
+    histograms of a give alpha_hat, acceptance_rate, acceptance_by_offset and tokens per (row) block."""
+    hist = np.sum([np.asarray(o.stats["accepted_histogram"]) for o in outputs], axis=0)
+    k = len(hist) - 1
+    blocks = int(hist.sum())
+    accepted = int((hist * np.arange(k + 1)).sum())
+    rejections = int(hist[:k].sum())
+    new = sum(int(o.stats["new_tokens"]) for o in outputs)
+    return {"accepted": accepted, "row_blocks_total": blocks,
+            "acceptance_rate": accepted / (k * blocks) if k and blocks else float("nan"),
+            "alpha_hat": accepted / (accepted + rejections) if accepted + rejections else float("nan"),
+            "acceptance_by_offset": acceptance_by_offset(hist), "tokens_per_block": new / blocks if blocks else
+            float("nan")}
 
 
 def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p,

@@ -7,6 +7,7 @@ import numpy as np
 from flax import nnx
 
 from rss_jax.cache import KVCache
+from rss_jax.models.config import check_token_ids
 from rss_jax.models.layers import default_positions
 
 
@@ -61,10 +62,7 @@ class CausalLM(nnx.Module):
         """Subclasses call this last in __init__: a config with `head_token_ids` gets its own output rows
         `head_rows` [len(ids), E] (the tied or untied full head is then not used for logits)."""
         if config.head_token_ids:
-            ids = np.asarray(config.head_token_ids)
-            if ids.ndim != 1 or np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= config.vocab_size:
-                raise ValueError("head_token_ids must be strictly increasing token ids in [0, vocab_size="
-                                 f"{config.vocab_size}); got {len(ids)} ids from {ids.min()} to {ids.max()}")
+            ids = check_token_ids(config.head_token_ids, config.vocab_size)
             self.head_rows = nnx.Param(normal_init(rngs, (len(ids), config.embed_dim), dtype))
 
     def unembed(self, h):

@@ -9,6 +9,8 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
 FAMILIES = ("llama", "gpt2", "opt")
 
 # HF `model_type` -> our family. Llama-like models differ only by flags.
@@ -81,6 +83,17 @@ class ModelConfig:
         d["head_token_ids"] = tuple(int(i) for i in d.get("head_token_ids") or ())
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_token_ids(ids, vocab_size: int, what: str = "head_token_ids"):
+    """A draft vocabulary (trimmed heads, feature-draft heads): strictly increasing token ids in [0, vocab_size).
+    Returns them as an int64 array; anything else is a ValueError naming the problem."""
+    ids = np.asarray(ids, np.int64)
+    if ids.ndim != 1 or ids.size == 0 or np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= vocab_size:
+        span = f" from {ids.min()} to {ids.max()}" if ids.size else ""
+        raise ValueError(f"{what} must be distinct, increasing token ids in [0, vocab_size={vocab_size}); got "
+                         f"{ids.size} ids{span}")
+    return ids
 
 
 def _freeze(d: dict) -> tuple:

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from rss_jax.models.base import normal_init
-from rss_jax.models.config import ConfigError, _freeze
+from rss_jax.models.config import ConfigError, _freeze, check_token_ids
 from rss_jax.models.layers import activation, apply_rope, attention, default_positions, rms_norm, rope_inv_freq
 
 # the target fields a head is tied to: the ones that decide what its features and vocabulary mean
@@ -127,10 +127,7 @@ class HeadConfig:
         bad = [t for t in taps if not 0 <= t < config.num_layers]
         if bad or len(set(taps)) != len(taps):
             raise ValueError(f"taps {list(taps)} must be distinct layer indices in 0..{config.num_layers - 1}")
-        ids = np.asarray(sorted(int(i) for i in token_ids), np.int64)
-        if ids.size == 0 or np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= config.vocab_size:
-            raise ValueError("token_ids must be distinct token ids in [0, vocab_size="
-                             f"{config.vocab_size}); got {ids.size} ids")
+        ids = check_token_ids(sorted(int(i) for i in token_ids), config.vocab_size, "token_ids")
         llama = config.family == "llama"
         return cls(target_family=config.family, target_model_type=config.model_type,
                    target_hidden_size=config.hidden_size, target_num_layers=config.num_layers,
