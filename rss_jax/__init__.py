@@ -8,3 +8,4 @@ from rss_jax.decoding.best_of_n import best_of_n  # noqa: F401,E402
 from rss_jax.decoding.speculative_rejection import speculative_rejection  # noqa: F401,E402
 from rss_jax.decoding.gsi import gsi  # noqa: F401,E402
 from rss_jax.decoding.rsd import rsd  # noqa: F401,E402
+from rss_jax.decoding.args import args  # noqa: F401,E402
