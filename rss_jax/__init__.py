@@ -9,3 +9,5 @@ from rss_jax.decoding.speculative_rejection import speculative_rejection  # noqa
 from rss_jax.decoding.gsi import gsi  # noqa: F401,E402
 from rss_jax.decoding.rsd import rsd  # noqa: F401,E402
 from rss_jax.decoding.args import args  # noqa: F401,E402
+from rss_jax.decoding.cards import cards, rejection_sampling  # noqa: F401,E402
+from rss_jax.decoding.treebon import treebon  # noqa: F401,E402
