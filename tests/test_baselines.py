@@ -335,3 +335,39 @@ def test_treebon_one_layer_is_bon_and_the_tree_shares_parents(lm, tiny_checkpoin
         kept = {int(np.flatnonzero((first[b] == cand[b, j, : stops[0]]).all(1))[0]) for j in range(8)}
         assert kept <= top
         np.testing.assert_allclose(tree.stats["cutoffs"][0][b], np.sort(rp[b])[::-1][3], atol=1e-5)
+
+
+def test_treebon_implicit_reward_of_feature_heads_matches_a_prefix_loop(lm):
+    """Two heads of the target: each response token's log-ratio, recomputed from the prefix alone (the target run on
+    x + y_<k, the head on its features), weighted 1 / (k + 1); tokens outside the draft vocabulary add nothing."""
+    import jax.numpy as jnp
+    from rss_jax.decoding.treebon import ImplicitReward
+    ids = list(range(0, VOCAB, 2))  # half the vocabulary
+    pol = rj.heads.new_head(lm, taps=(0, 1), token_ids=ids, seed=1)
+    ref = rj.heads.new_head(lm, taps=(0, 1), token_ids=ids, seed=2)
+    prompts, resps = [[1, 2, 3], [4, 6]], [[8, 9, 10, 12], [14, 15, 16]]
+    got = ImplicitReward(pol, ref, target=lm).score(prompts, resps)
+    t = lm.module
+    embed = t.token_embeddings().astype(jnp.float32)
+    rows = jnp.take(t.output_matrix(), jnp.asarray(ids), axis=0).astype(jnp.float32)
+    for i, (p, r) in enumerate(zip(prompts, resps)):
+        total = 0.0
+        for k, tok in enumerate(r):
+            if tok not in ids:
+                continue
+            prefix = jnp.asarray([p + r[:k]])
+            _, _, taps = t(prefix, return_hidden=True, taps=(0, 1))
+            lps = []
+            for h in (pol, ref):
+                head = h.module
+                # the last slot (feature of token L-2, token L-1) predicts token L
+                logits, _, _ = head(head.fuse(taps[:, :-1].astype(jnp.float32)), prefix[:, 1:], embed, rows)
+                lps.append(float(jax_log_softmax(np.asarray(logits[0, -1], np.float64))[ids.index(tok)]))
+            total += (lps[0] - lps[1]) / (k + 1)
+        np.testing.assert_allclose(got[i], total, atol=1e-4)
+    assert np.isfinite(got).all()
+
+
+def jax_log_softmax(x):
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())

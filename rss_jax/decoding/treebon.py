@@ -45,24 +45,78 @@ def _token_logprobs(graphdef, state, tokens):
     return jnp.pad(shifted, ((0, 0), (1, 0))), unshifted
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _head_logprobs(target_graphdef, policy_graphdef, reference_graphdef, taps, target_state, policy_state,
+                   reference_state, tokens, embed, out_rows, dindex):
+    """Feature heads of one target, teacher-forced on tokens [B, T]: one target forward with taps, then each head's
+    step-1 log-probs. -> (policy, reference) [B, T] with entry t = log p(tokens[t] | tokens[<t]) for t >= 2 (0 at
+    t < 2 and where tokens[t] is outside the heads' draft vocabulary: both heads give it probability 0)."""
+    _, _, tapped = nnx.merge(target_graphdef, target_state)(tokens, return_hidden=True, taps=taps)
+    idx = dindex[tokens[:, 2:]]
+    out = []
+    for graphdef, state in ((policy_graphdef, policy_state), (reference_graphdef, reference_state)):
+        head = nnx.merge(graphdef, state)
+        logits, _, _ = head(head.fuse(tapped[:, :-1].astype(jnp.float32)), tokens[:, 1:], embed, out_rows)
+        lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # slot u predicts token u + 2
+        tok = jnp.take_along_axis(lp, jnp.maximum(idx, 0)[..., None], axis=-1)[..., 0]
+        out.append(jnp.pad(jnp.where(idx >= 0, tok, 0.0), ((0, 0), (2, 0))))
+    return out[0], out[1]
+
+
+def _is_head(m) -> bool:
+    return getattr(m, "is_feature_head", False)
+
+
 class ImplicitReward(Reward):
     """The weighted implicit reward of a DPO `policy` over a `reference` model.
 
     shifted=True (TreeBoN's paper): sum over response tokens k = 0.. of (1 / (k + 1)) * (log pi(y_k | x, y_<k) -
     log pi_ref(y_k | x, y_<k)). shifted=False (the released code): sum over every position i of the whole
     sequence x + y of (1 / (i + 1)) * (lp_i - lp_ref_i), lp_i being the log-prob row that predicts token i + 1 read
-    at token i. `calls` counts the scoring calls (each is one batched forward of both models)."""
+    at token i.
 
-    def __init__(self, policy, reference, shifted: bool = True, pad_id: int = 0):
-        for name, m in (("policy", policy), ("reference", reference)):
-            if not hasattr(m, "graphdef") or getattr(m, "is_feature_head", False):
-                raise TypeError(f"the implicit reward's {name} must be a language model (rj.load of a model "
-                                f"folder or name), got {type(m).__name__}; feature-draft heads cannot score alone")
-        if policy.config.vocab_size != reference.config.vocab_size:
+    policy and reference are separate language models, or (shifted only) two feature-draft heads of `target` with
+    the same draft vocabulary, e.g. the aligned head over its SFT head: one target forward with taps feeds both,
+    and a response token outside the draft vocabulary adds nothing (both heads give it probability 0). `calls`
+    counts scoring calls; each is one batched forward of each model (and of the target for heads)."""
+
+    def __init__(self, policy, reference, shifted: bool = True, target=None, pad_id: int = 0):
+        heads = [_is_head(m) for m in (policy, reference)]
+        if any(heads):
+            if not all(heads) or target is None or not shifted:
+                raise ValueError("feature-draft heads score the implicit reward only in pairs (policy and reference "
+                                 "both heads of `target`, passed as target=) and shifted (paper mode); pass "
+                                 "separate models otherwise")
+            for h in (policy, reference):
+                h.check_target(target)
+            if tuple(policy.config.token_ids) != tuple(reference.config.token_ids):
+                raise ValueError("the two heads have different draft vocabularies; their log-ratio is undefined on "
+                                 "tokens only one of them covers")
+        elif policy.config.vocab_size != reference.config.vocab_size:
             raise ValueError(f"policy and reference must share a vocabulary: {policy.config.vocab_size} vs "
                              f"{reference.config.vocab_size} logits")
         self.policy, self.reference, self.shifted, self.pad_id = policy, reference, shifted, pad_id
+        self.target, self.heads = target, all(heads)
         self.calls = 0
+        if self.heads:
+            m = target.module
+            ids = np.asarray(policy.config.token_ids)
+            self._embed = m.token_embeddings().astype(jnp.float32)
+            self._out_rows = jnp.take(m.output_matrix(), jnp.asarray(ids), axis=0).astype(jnp.float32)
+            where = np.full((target.config.vocab_size,), -1, np.int32)
+            where[ids] = np.arange(len(ids), dtype=np.int32)
+            self._dindex = jnp.asarray(where)
+
+    def _logprobs(self, tok):
+        """-> (policy, reference) per-position log-probs, shifted or unshifted, float64 [B, T]."""
+        if self.heads:
+            p, r = (self.policy, self.reference)
+            out = _head_logprobs(self.target.graphdef, p.graphdef, r.graphdef, tuple(p.config.taps),
+                                 self.target.state, p.state, r.state, tok, self._embed, self._out_rows, self._dindex)
+            return tuple(np.asarray(x, np.float64) for x in out)
+        k = 0 if self.shifted else 1
+        return tuple(np.asarray(_token_logprobs(m.graphdef, m.state, tok)[k], np.float64)
+                     for m in (self.policy, self.reference))
 
     def token_terms(self, prompt_ids, response_ids):
         """-> list of per-token weighted terms (what `score` sums), one array per row."""
@@ -71,18 +125,14 @@ class ImplicitReward(Reward):
         tokens = np.full((len(seqs), width), self.pad_id, np.int32)
         for i, s in enumerate(seqs):
             tokens[i, : len(s)] = s
-        tok = jnp.asarray(tokens)
-        sp, up = (np.asarray(x, np.float64) for x in _token_logprobs(self.policy.graphdef, self.policy.state, tok))
-        sr, ur = (np.asarray(x, np.float64) for x in _token_logprobs(self.reference.graphdef, self.reference.state,
-                                                                    tok))
+        lp, lr = self._logprobs(jnp.asarray(tokens))
         self.calls += 1
         out = []
         for i, (p, s) in enumerate(zip(prompt_ids, seqs)):
-            if self.shifted:
-                lo, hi = len(p), len(s)
-                d = sp[i, lo:hi] - sr[i, lo:hi]
-            else:
-                d = up[i, : len(s)] - ur[i, : len(s)]
+            lo = len(p) if self.shifted else 0
+            if self.heads and lo < 2:
+                raise ValueError("feature-draft heads need prompts of at least 2 tokens")
+            d = lp[i, lo: len(s)] - lr[i, lo: len(s)]
             out.append(d / np.arange(1, len(d) + 1))
         return out
 
@@ -94,7 +144,8 @@ def treebon(lm, prompts, reward, n: int = 16, n_children: int = 4, n_layers: int
             mode: str = "paper", max_new_tokens: int = 128, temperature=None, top_k=None, top_p=None, eos=None,
             seed: int = 0, chat: bool = True, tau_r=None, alpha: float = 0.5, beta: float = 0.7,
             segment_tokens: int = 32, max_tries: int = 21) -> SearchOutput:
-    """TreeBoN of `lm` with the DPO draft `dpo` and its SFT draft `sft` (separate models over lm's vocabulary).
+    """TreeBoN of `lm` with the DPO draft `dpo` and its SFT draft `sft`: separate models over lm's vocabulary, or
+    (paper mode) two feature-draft heads of lm, such as the shipped aligned and SFT heads.
 
     paper: n rows, n_layers layers, n / n_children parents kept after each layer by the implicit reward of dpo over
     sft, n_children children each; the answer is the full response with the best `reward` (a Reward, callable or
@@ -111,7 +162,7 @@ def treebon(lm, prompts, reward, n: int = 16, n_children: int = 4, n_layers: int
         raise ValueError(f"unknown mode {mode!r}; choose one of {cards_mod.MODES}")
     if dpo is None or (mode == "paper" and sft is None):
         raise ValueError("TreeBoN needs dpo= (the DPO draft) and, in paper mode, sft= (its SFT draft): separate "
-                         "models over the target's vocabulary")
+                         "models over the target's vocabulary, or two feature-draft heads of the target")
     prompt_ids = common.encode_prompts(lm, prompts, chat)
     reward = as_reward(reward, lm.tokenizer)
     if mode == "authors_code":
@@ -125,7 +176,7 @@ def treebon(lm, prompts, reward, n: int = 16, n_children: int = 4, n_layers: int
                          f"n_children children)")
     if n_layers > max_new_tokens:
         raise ValueError(f"n_layers={n_layers} exceeds max_new_tokens={max_new_tokens}: every layer needs a token")
-    implicit = ImplicitReward(dpo, sft, shifted=True)
+    implicit = ImplicitReward(dpo, sft, shifted=True, target=lm)
     cfg = sampler_config(lm, max_new_tokens, 1.0 if temperature is None else temperature, top_k, top_p, None, eos)
     common.check_context(lm, prompt_ids, max_new_tokens)
     return _treebon_paper(lm, prompt_ids, reward, implicit, cfg, int(n), int(n_children), int(n_layers), seed)
@@ -166,6 +217,7 @@ def _treebon_paper(lm, prompt_ids, reward, implicit, cfg, n, n_children, n_layer
         rp = implicit.score([p for p in prompt_ids for _ in range(n)], resp).reshape(b, n).astype(np.float64)
         stats["reward_s"] += time.perf_counter() - t0
         stats["small_forwards"] += 2
+        stats["target_forwards"] += int(implicit.heads)  # heads read the target's features of the rows
         n_par = n // n_children
         order = np.lexsort((np.arange(n)[None].repeat(b, 0), -rp), axis=1)[:, :n_par]
         stats["cutoffs"].append(np.take_along_axis(rp, order[:, -1:], axis=1)[:, 0].tolist())
