@@ -92,7 +92,7 @@ def run_population(lm, prompt_ids, cfg: SamplerConfig, reward, sizes, stops, see
     rows = np.tile(np.arange(n0), (bsz, 1))  # row index of each slot, [B, n_r]
     stats = {"schedule": list(sizes), "stops": list(stops), "cutoffs": [], "compile_s": 0.0, "decode_s": 0.0,
              "reward_s": 0.0, "rm_tokens": 0, "reward_calls": 0, "decode_slots": 0, "rounds": len(sizes),
-             "round_s": []}
+             "round_s": [], "target_forwards": 0, "small_forwards": 0}
 
     def score(idx_b, idx_i):
         t0 = time.perf_counter()
@@ -109,12 +109,14 @@ def run_population(lm, prompt_ids, cfg: SamplerConfig, reward, sizes, stops, see
         ids = jnp.asarray(global_row_ids(bsz, rows))
         stop_a = jnp.asarray(stop, jnp.int32)
         if r == 0:
-            (decode_state, _), c_s, run_s = common.COMPILED.call(
+            (decode_state, pos), c_s, run_s = common.COMPILED.call(
                 population_start, (lm.graphdef, cfg, n0), lm.state, tokens, lens, ids, base_key, stop_a)
+            stats["target_forwards"] += int(pos)  # the prefill samples position 0, then one forward per position
         else:
-            (decode_state, _), c_s, run_s = common.COMPILED.call(
+            (decode_state, pos), c_s, run_s = common.COMPILED.call(
                 population_resume, (lm.graphdef, cfg), lm.state, decode_state, jnp.asarray(keep), ids, base_key,
                 jnp.asarray(start, jnp.int32), stop_a)
+            stats["target_forwards"] += int(pos) - start
         stats["compile_s"] += c_s
         stats["decode_s"] += run_s
         stats["round_s"].append(run_s)
@@ -145,7 +147,8 @@ def run_population(lm, prompt_ids, cfg: SamplerConfig, reward, sizes, stops, see
     best = pool[np.arange(bsz), chosen]
     wall = stats["decode_s"] + stats["reward_s"]
     stats.update(wall_s=wall, total_s=time.perf_counter() - t_start,
-                 generated_tokens=int((pool >= 0).sum()),
+                 generated_tokens=int((pool >= 0).sum()), reward_tokens=stats["rm_tokens"],
+                 tokens_generated=int((best >= 0).sum()),
                  final_rows=[np.flatnonzero(f).tolist() for f in final])
     out = common.finish_output(lm, best, prompt_ids, stats)
     return SearchOutput(**{f.name: getattr(out, f.name) for f in dataclasses.fields(out)}, **dict(
