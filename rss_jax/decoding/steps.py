@@ -1,18 +1,22 @@
 """Step-level decoding shared by GSI and RSD: generate candidate steps, score steps under another model, commit one.
 
-A *context* is one prompt's state in one model: a one-row KV cache holding every context token but the last, that
-last token (`pending`, fed by the next forward), the number of cache slots in use, and tokens committed by the other
-model that this one has not read yet (`unsynced`, fed lazily in blocks of S tokens before the model is next used).
+A *context* holds B prompts' states in one model: a KV cache with one row per prompt holding every context token but
+the last, that last token per row (`pending`, fed by the next forward), the number of cache slots each row uses, and
+per prompt the tokens committed by the other model that this one has not read yet (`unsynced`, fed lazily in blocks of
+S tokens, for all prompts that need it in one forward, before the model is next used for them).
 
-Every compiled function has static shapes: n candidate rows, S = max_step_tokens slots per step. A step ends at a
-token in the step-end mask (a token whose text contains a blank line, or `step_end_ids`), at EOS, or after S tokens
-(or the remaining token budget). Log-probabilities are those of the distribution actually sampled (temperature and
-filters applied), or of softmax(logits / logprob_temperature) when that knob is set.
+Every compiled function has static shapes: B prompts x n candidate rows, S = max_step_tokens slots per step. Prompts
+that take no part in a call stay in the batch as rows marked done from the start, so a shrinking set of live prompts
+never recompiles. A step ends at a token in the step-end mask (a token whose text contains a blank line, or
+`step_end_ids`), at EOS, or after S tokens (or the remaining token budget). Log-probabilities are those of the
+distribution actually sampled (temperature and filters applied), or of softmax(logits / logprob_temperature) when
+that knob is set.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -42,17 +46,19 @@ class StepConfig:
         return jax.nn.log_softmax(self.process(logits), axis=-1)
 
 
-def gen_step(graphdef, scfg: StepConfig, n: int, state, cache, length, pending, step_end, row_ids, base_key, pos0,
-             limit):
-    """Sample n candidate steps from one context. cache: one row; length, pending [1]; step_end [V] bool; row_ids
-    [n]; pos0 = generated position of the step's first token (keys are row_key(base_key, row, pos0 + t)); limit =
-    most tokens this step may take (<= S). Returns (steps [n, S] int32 padded with -1, step_len [n], logp [n] the
-    steps' log-probs under the tilt's log-probs, cache with n rows)."""
+def gen_step(graphdef, scfg: StepConfig, n: int, state, cache, length, pending, step_end, row_ids, base_keys, pos0,
+             limit, done):
+    """Sample n candidate steps after each of B contexts. cache: B rows; length, pending [B]; step_end [V] bool; per
+    fanned-out row r = b * n + i ([B * n] each): row_ids, base_keys (typed keys), pos0 = generated position of the
+    step's first token (keys are row_key(base_keys[r], row_ids[r], pos0[r] + t)), limit = most tokens the step may take
+    (<= S), done = rows that sample nothing. Returns (steps [B * n, S] int32 padded with -1, step_len [B * n], logp
+    [B * n] the steps' log-probs under the tilt's log-probs, cache with B * n rows)."""
     model = nnx.merge(graphdef, state)
     s_max = scfg.max_step_tokens
     cache = cache.repeat_rows(n)
     lengths = jnp.repeat(length, n)
     tok = jnp.repeat(pending, n)
+    rows = done.shape[0]
 
     def cond(carry):
         t, _, _, _, _, _, done = carry
@@ -62,7 +68,7 @@ def gen_step(graphdef, scfg: StepConfig, n: int, state, cache, length, pending, 
         t, tok, cache, lengths, steps, logp, done = carry
         logits, cache = model(tok[:, None], cache=cache, lengths=lengths)
         x = scfg.process(logits[:, 0])
-        keys = jax.vmap(lambda r: common.row_key(base_key, r, pos0 + t))(row_ids)
+        keys = jax.vmap(lambda k, r, p: common.row_key(k, r, p + t))(base_keys, row_ids, pos0)
         if scfg.sampler.temperature == 0:
             new = jnp.argmax(x, axis=-1).astype(jnp.int32)
         else:
@@ -74,17 +80,18 @@ def gen_step(graphdef, scfg: StepConfig, n: int, state, cache, length, pending, 
         ended = step_end[jnp.maximum(new, 0)] | common.is_eos(new, scfg.sampler.eos) | (t + 1 >= limit)
         return t + 1, jnp.where(done, tok, new), cache, lengths + 1, steps, logp, done | ended
 
-    init = (jnp.int32(0), tok, cache, lengths, jnp.full((n, s_max), -1, jnp.int32), jnp.zeros((n,), jnp.float32),
-            jnp.zeros((n,), bool))
+    init = (jnp.int32(0), tok, cache, lengths, jnp.full((rows, s_max), -1, jnp.int32), jnp.zeros((rows,), jnp.float32),
+            done)
     _, _, cache, _, steps, logp, _ = jax.lax.while_loop(cond, body, init)
     return steps, (steps >= 0).sum(axis=1).astype(jnp.int32), logp, cache
 
 
 def score_steps(graphdef, scfg: StepConfig, state, cache, length, pending, steps):
-    """Teacher-force m steps [m, S] (-1 padded) after one context in one batched forward: the cache (fanned out to m
-    rows) receives [pending, step[:-1]]. Returns (logp [m] of each step under this model, cache with m rows)."""
+    """Teacher-force m steps per context ([B * m, S], -1 padded, row b * m + i after context b) in one batched
+    forward: each fanned-out cache row receives [pending, step[:-1]]. Returns (logp [B * m] of each step under this
+    model, cache with B * m rows)."""
     model = nnx.merge(graphdef, state)
-    m = steps.shape[0]
+    m = steps.shape[0] // length.shape[0]
     cache = cache.repeat_rows(m)
     inp = jnp.concatenate([jnp.repeat(pending, m)[:, None], jnp.maximum(steps[:, :-1], 0)], axis=1)
     logits, cache = model(inp, cache=cache, lengths=jnp.repeat(length, m))
@@ -98,9 +105,25 @@ def prefill_context(graphdef, capacity: int, state, prompt_tokens, prompt_lens):
     return cache
 
 
-@jax.jit
-def take_row(cache, row):
-    return cache.gather_rows(row[None])
+def adopt_rows(cache, fanned, rows):
+    """Row b of `cache` becomes row rows[b] of the fanned-out cache `fanned` where rows[b] >= 0, else it is kept."""
+    picked = fanned.gather_rows(jnp.maximum(rows, 0))
+    keep = rows < 0
+    return jax.tree.map(lambda old, new: jnp.where(keep.reshape((1, -1) + (1,) * (old.ndim - 2)), old, new),
+                        cache, picked)
+
+
+def _fold_keys(keys, data):
+    return jax.vmap(jax.random.fold_in)(keys, data)
+
+
+fold_keys = jax.jit(_fold_keys)  # [B] typed keys, [B] int -> [B] keys, each fold_in(keys[b], data[b])
+_fold_same = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))  # one key, [B] int -> [B] keys
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _gumbels(keys, data, n: int):
+    return jax.vmap(lambda k: jax.random.gumbel(k, (n,), jnp.float32))(_fold_keys(keys, data))
 
 
 @functools.lru_cache(maxsize=8)
@@ -125,16 +148,20 @@ def step_end_mask(lm, step_end_ids=None) -> np.ndarray:
 
 
 class Context:
-    """One prompt's decoding state in one model (host object around device arrays)."""
+    """B prompts' decoding state in one model (host object around device arrays; lengths and pending on the host).
 
-    def __init__(self, lm, scfg: StepConfig, prompt, capacity: int, stats: dict, name: str):
+    Methods take `live` [B] bool, the prompts a call is for; the other rows ride along, marked done, and their
+    outputs are ignored."""
+
+    def __init__(self, lm, scfg: StepConfig, prompts, capacity: int, stats: dict, name: str):
         self.lm, self.scfg, self.stats, self.name = lm, scfg, stats, name
-        tokens, lens = common.pad_prompts([prompt], common.bucket(len(prompt)))
+        self.batch = len(prompts)
+        tokens, lens = common.pad_prompts(prompts, common.bucket(max(len(p) for p in prompts)))
         self.cache = self._call(prefill_context, (lm.graphdef, capacity), lm.state, tokens, lens)
         # every prompt token is in the cache; the last one is re-fed as `pending` and overwrites its own slot
-        self.length = jnp.asarray([len(prompt) - 1], jnp.int32)
-        self.pending = jnp.asarray([prompt[-1]], jnp.int32)
-        self.unsynced: list[int] = []
+        self.length = np.asarray([len(p) - 1 for p in prompts], np.int32)
+        self.pending = np.asarray([p[-1] for p in prompts], np.int32)
+        self.unsynced: list[list[int]] = [[] for _ in prompts]
 
     def _call(self, fn, static, *args):
         out, compile_s, run_s = common.COMPILED.call(fn, static, *args)
@@ -142,82 +169,133 @@ class Context:
         self.stats[f"{self.name}_s"] += run_s
         return out
 
-    def sync(self):
-        """Feed tokens committed by the other model, in blocks of S."""
+    def sync(self, live):
+        """Feed the live prompts' tokens committed by the other model, in blocks of S for all of them at once: a row
+        with nothing (more) to read gets an all -1 block and does not advance."""
         s_max = self.scfg.max_step_tokens
-        while self.unsynced:
-            block, self.unsynced = self.unsynced[:s_max], self.unsynced[s_max:]
-            steps = np.full((1, s_max), -1, np.int32)
-            steps[0, : len(block)] = block
-            _, cache = self._call(score_steps, (self.lm.graphdef, self.scfg), self.lm.state, self.cache,
-                                  self.length, self.pending, jnp.asarray(steps))
-            self.commit(cache, 0, block)
+        while True:
+            todo = [b for b in range(self.batch) if live[b] and self.unsynced[b]]
+            if not todo:
+                return
+            steps = np.full((self.batch, s_max), -1, np.int32)
+            for b in todo:
+                block, self.unsynced[b] = self.unsynced[b][:s_max], self.unsynced[b][s_max:]
+                steps[b, : len(block)] = block
+            _, self.cache = self._call(score_steps, (self.lm.graphdef, self.scfg), self.lm.state, self.cache,
+                                       jnp.asarray(self.length), jnp.asarray(self.pending), jnp.asarray(steps))
+            lens = (steps >= 0).sum(axis=1)
+            for b in todo:
+                self.length[b] += lens[b]
+                self.pending[b] = steps[b, lens[b] - 1]
             self.stats[f"{self.name}_calls"] += 1
-            self.stats[f"{self.name}_synced_tokens"] += len(block)
+            self.stats[f"{self.name}_synced_tokens"] += int(lens.sum())
 
-    def generate(self, n, mask, row_ids, base_key, pos0, limit):
-        """-> (steps [n, S] np, step_len [n] np, logp [n] np, cache with n rows)."""
-        self.sync()
+    def generate(self, n, mask, keys, pos0, limit, live):
+        """n candidate steps per live prompt. keys [B] typed keys (row i of prompt b is keyed by row_key(keys[b], i,
+        pos0[b] + t)), pos0, limit [B]. -> (steps [B * n, S] np, step_len [B * n] np, logp [B * n] np, cache with B * n
+        rows); rows of prompts that are not live are empty."""
+        self.sync(live)
+        per_row = np.repeat(np.arange(self.batch), n)
+        limit = np.clip(np.asarray(limit, np.int32), 1, self.scfg.max_step_tokens)
         steps, lens, logp, cache = self._call(
-            gen_step, (self.lm.graphdef, self.scfg, n), self.lm.state, self.cache, self.length, self.pending, mask,
-            jnp.asarray(row_ids, jnp.int32), base_key, jnp.asarray(pos0, jnp.int32), jnp.asarray(limit, jnp.int32))
+            gen_step, (self.lm.graphdef, self.scfg, n), self.lm.state, self.cache, jnp.asarray(self.length),
+            jnp.asarray(self.pending), mask, jnp.asarray(np.tile(np.arange(n, dtype=np.int32), self.batch)),
+            keys[jnp.asarray(per_row)], jnp.asarray(np.asarray(pos0, np.int32)[per_row]), jnp.asarray(limit[per_row]),
+            jnp.asarray(~np.asarray(live, bool)[per_row]))
         lens = np.asarray(lens)
         self.stats[f"{self.name}_calls"] += int(lens.max())
         self.stats[f"{self.name}_tokens"] += int(lens.sum())
         return np.asarray(steps), lens, np.asarray(logp), cache
 
-    def score(self, steps):
-        """steps [m, S] np -> (logp [m] np, cache with m rows)."""
-        self.sync()
+    def score(self, steps, live):
+        """steps [B * m, S] np (rows of prompts that are not live should be all -1) -> (logp [B * m] np, cache with
+        B * m rows)."""
+        self.sync(live)
+        steps = np.asarray(steps, np.int32)
         logp, cache = self._call(score_steps, (self.lm.graphdef, self.scfg), self.lm.state, self.cache,
-                                 self.length, self.pending, jnp.asarray(steps, jnp.int32))
+                                 jnp.asarray(self.length), jnp.asarray(self.pending), jnp.asarray(steps))
         self.stats[f"{self.name}_calls"] += 1
-        self.stats[f"{self.name}_scored_tokens"] += int((np.asarray(steps) >= 0).sum())
+        self.stats[f"{self.name}_scored_tokens"] += int((steps >= 0).sum())
         return np.asarray(logp), cache
 
-    def commit(self, cache_rows, row: int, step):
-        """Adopt row `row` of a fanned-out cache that holds [pending, step[:-1]] after this context."""
-        self.cache = take_row(cache_rows, jnp.asarray(row, jnp.int32))
-        self.length = self.length + len(step)
-        self.pending = jnp.asarray([step[-1]], jnp.int32)
+    def commit(self, fanned, picks: dict):
+        """picks {prompt b: (row, step)}: prompt b adopts row `row` of a fanned-out cache that holds [pending,
+        step[:-1]] after its context; the other prompts keep their state."""
+        if not picks:
+            return
+        rows = np.full((self.batch,), -1, np.int32)
+        for b, (row, step) in picks.items():
+            rows[b] = row
+            self.length[b] += len(step)
+            self.pending[b] = step[-1]
+        self.cache = self._call(adopt_rows, (), self.cache, fanned, jnp.asarray(rows))
 
-    def defer(self, step):
-        """The other model wrote `step`: read it lazily, before this model is next used."""
-        self.unsynced.extend(int(t) for t in step)
+    def defer(self, b: int, step):
+        """The other model wrote `step` for prompt b: read it lazily, before this model is next used for b."""
+        self.unsynced[b].extend(int(t) for t in step)
 
 
 def new_stats(names) -> dict:
-    stats = {"compile_s": 0.0}
+    stats = {"compile_s": 0.0, "rounds": 0, "steps": 0, "accepted_steps": 0, "reward_s": 0.0, "reward_calls": 0,
+             "reward_tokens": 0}
     for name in names:
         stats.update({f"{name}_s": 0.0, f"{name}_calls": 0, f"{name}_tokens": 0, f"{name}_scored_tokens": 0,
                       f"{name}_synced_tokens": 0})
     return stats
 
 
-def step_reward(reward, prompt, response, steps_so_far, candidates) -> np.ndarray:
-    """r(x, y_i) for candidate steps y_i after the response so far: a PRM (with `score_steps`) sees the real step
-    boundaries, any other reward sees the response with the candidate appended."""
-    m = len(candidates)
-    if hasattr(reward, "score_steps"):
-        return np.asarray(reward.score_steps([prompt] * m, [steps_so_far + [c] for c in candidates]), np.float64)
-    return np.asarray(reward.score([prompt] * m, [response + c for c in candidates]), np.float64)
+def step_rewards(reward, items, stats: dict) -> list:
+    """r(x, y_i) for the candidate steps of several prompts in one reward call. items: [(prompt, response so far,
+    steps so far, candidates)]. A PRM (with `score_steps`) sees the real step boundaries, any other reward the response
+    with the candidate appended. Returns one float64 array per item."""
+    prompts, rows, sizes = [], [], []
+    prm = hasattr(reward, "score_steps")
+    for prompt, response, steps_so_far, cands in items:
+        prompts += [prompt] * len(cands)
+        rows += [steps_so_far + [c] for c in cands] if prm else [response + c for c in cands]
+        sizes.append(len(cands))
+        stats["reward_tokens"] += sum(len(prompt) + len(response) + len(c) for c in cands)
+    if not rows:
+        return []
+    t0 = time.perf_counter()
+    r = np.asarray(reward.score_steps(prompts, rows) if prm else reward.score(prompts, rows), np.float64)
+    stats["reward_s"] += time.perf_counter() - t0
+    stats["reward_calls"] += 1
+    return np.split(r, np.cumsum(sizes)[:-1])
 
 
-def gumbel_choice(key, scores, beta) -> int:
-    """i ~ softmax(beta * scores) (Gumbel-max); -inf scores are never chosen unless all are."""
-    g = np.asarray(jax.random.gumbel(key, (len(scores),), jnp.float32), np.float64)
+def final_rewards(reward, prompts, responses, stats: dict) -> np.ndarray:
+    """Every prompt's final response scored in one reward call -> [B] float32."""
+    t0 = time.perf_counter()
+    out = np.asarray(reward.score(prompts, responses), np.float32)
+    stats["reward_s"] += time.perf_counter() - t0
+    stats["reward_calls"] += 1
+    stats["reward_tokens"] += sum(len(p) + len(r) for p, r in zip(prompts, responses))
+    return out
+
+
+def gumbel_choices(keys, data, scores, beta) -> np.ndarray:
+    """i_b ~ softmax(beta * scores[b]) (Gumbel-max) for every prompt b, with key fold_in(keys[b], data[b]); -inf
+    scores are never chosen unless all of a row's are. keys [B], data [B], scores [B, n] -> [B] int."""
     scores = np.asarray(scores, np.float64)
+    g = np.asarray(_gumbels(keys, jnp.asarray(np.asarray(data, np.int32)), scores.shape[1]), np.float64)
     finite = np.isfinite(scores)
-    return int(np.argmax(np.where(finite, float(beta) * np.where(finite, scores, 0.0) + g, -np.inf)))
+    return np.argmax(np.where(finite, float(beta) * np.where(finite, scores, 0.0) + g, -np.inf), axis=1)
 
 
-def prompt_setup(small, big, scfg, prompt, max_new_tokens: int, max_step_tokens: int, stats: dict, root, b: int,
-                 tags: tuple):
-    """Per-prompt state of a step-level loop (GSI, RSD): a decoding context for each model, sized for the whole
-    response plus one step, and three PRNG streams (small model, big model, pick) for prompt b, keyed by `tags`."""
-    capacity = common.bucket(len(prompt)) + max_new_tokens + max_step_tokens
-    s_ctx = Context(small, scfg, prompt, capacity, stats, "small")
-    b_ctx = Context(big, scfg, prompt, capacity, stats, "big")
-    keys = tuple(jax.random.fold_in(jax.random.fold_in(root, tag), b) for tag in tags)
+def prompt_keys(root, tag: int, prompt_offset: int, batch: int):
+    """[B] typed keys fold_in(fold_in(root, tag), prompt_offset + b): a prompt's stream depends on its index only."""
+    idx = jnp.arange(prompt_offset, prompt_offset + batch, dtype=jnp.uint32)
+    return _fold_same(jax.random.fold_in(root, tag), idx)
+
+
+def prompt_setup(small, big, scfg, prompts, max_new_tokens: int, max_step_tokens: int, stats: dict, root,
+                 prompt_offset: int, tags: tuple):
+    """The state of a step-level loop (GSI, RSD) over B prompts: a decoding context in each model, sized for the
+    longest response plus one step, and three PRNG key streams [B] (small model, big model, pick) keyed by `tags`;
+    prompt b's streams use index prompt_offset + b."""
+    capacity = common.bucket(max(len(p) for p in prompts)) + max_new_tokens + max_step_tokens
+    s_ctx = Context(small, scfg, prompts, capacity, stats, "small")
+    b_ctx = Context(big, scfg, prompts, capacity, stats, "big")
+    keys = tuple(prompt_keys(root, tag, prompt_offset, len(prompts)) for tag in tags)
     return s_ctx, b_ctx, keys
-
