@@ -338,13 +338,13 @@ def test_treebon_one_layer_is_bon_and_the_tree_shares_parents(lm, tiny_checkpoin
 
 
 def test_treebon_implicit_reward_of_feature_heads_matches_a_prefix_loop(lm):
-    """Two heads of the target: each response token's log-ratio, recomputed from the prefix alone (the target run on
+    """Two heads of the target (with different taps): each response token's log-ratio, recomputed from the prefix alone (the target run on
     x + y_<k, the head on its features), weighted 1 / (k + 1); tokens outside the draft vocabulary add nothing."""
     import jax.numpy as jnp
     from rss_jax.decoding.treebon import ImplicitReward
     ids = list(range(0, VOCAB, 2))  # half the vocabulary
     pol = rj.heads.new_head(lm, taps=(0, 1), token_ids=ids, seed=1)
-    ref = rj.heads.new_head(lm, taps=(0, 1), token_ids=ids, seed=2)
+    ref = rj.heads.new_head(lm, taps=(1,), token_ids=ids, seed=2)  # other taps: each head reads its own
     prompts, resps = [[1, 2, 3], [4, 6]], [[8, 9, 10, 12], [14, 15, 16]]
     got = ImplicitReward(pol, ref, target=lm).score(prompts, resps)
     t = lm.module
@@ -356,9 +356,9 @@ def test_treebon_implicit_reward_of_feature_heads_matches_a_prefix_loop(lm):
             if tok not in ids:
                 continue
             prefix = jnp.asarray([p + r[:k]])
-            _, _, taps = t(prefix, return_hidden=True, taps=(0, 1))
             lps = []
             for h in (pol, ref):
+                _, _, taps = t(prefix, return_hidden=True, taps=tuple(h.config.taps))
                 head = h.module
                 # the last slot (feature of token L-2, token L-1) predicts token L
                 logits, _, _ = head(head.fuse(taps[:, :-1].astype(jnp.float32)), prefix[:, 1:], embed, rows)

@@ -24,12 +24,9 @@ from flax import nnx
 
 from rss_jax.cache import init_cache
 from rss_jax.decoding import common
-from rss_jax.decoding.autoregressive import prefill
+from rss_jax.decoding.autoregressive import prefill, row_keys
 from rss_jax.decoding.best_of_n import SearchOutput
 from rss_jax.rewards import ModelReward, as_reward
-
-MODES = ("paper", "authors_code")
-
 
 @dataclasses.dataclass(frozen=True)
 class ArgsConfig:
@@ -55,10 +52,6 @@ def choose(cfg: ArgsConfig, keys, logit_vals, rewards):
     if cfg.greedy:
         return jnp.argmax(s, axis=-1).astype(jnp.int32)
     return jax.vmap(lambda key, x: jax.random.categorical(key, x / cfg.tau))(keys, s).astype(jnp.int32)
-
-
-def _keys(base_key, row_ids, t):
-    return jax.vmap(lambda r: common.row_key(base_key, r, t))(row_ids)
 
 
 def _rm_step(rm, tokens, cache, lengths):
@@ -96,7 +89,7 @@ def args_cached_loop(graphdef, rm_graphdef, cfg: ArgsConfig, state, rm_state, pr
         vals, ids = top_candidates(cfg, last)
         r, rm_rows = _rm_step(rm, ids.reshape(-1), rm_cache.repeat_rows(k), jnp.repeat(rm_lengths, k))
         r = r.reshape(b, k)
-        slot = choose(cfg, _keys(base_key, row_ids, t), vals, r)
+        slot = choose(cfg, row_keys(base_key, row_ids, t), vals, r)
         new = jnp.where(done, -1, ids[rows, slot])
         out = out.at[:, t].set(new)
         cand_ids = cand_ids.at[:, t].set(ids)
@@ -125,16 +118,11 @@ def args_next(graphdef, cfg: ArgsConfig, state, cache, lengths, vals, ids, rewar
     """Host-reward path, one position: choose among the candidates, feed the chosen token, give the next
     candidates. -> (chosen token [B] (-1 for done rows), next vals, next ids, cache)."""
     model = nnx.merge(graphdef, state)
-    slot = choose(cfg, _keys(base_key, row_ids, t), vals, rewards)
+    slot = choose(cfg, row_keys(base_key, row_ids, t), vals, rewards)
     new = jnp.where(done, -1, jnp.take_along_axis(ids, slot[:, None], axis=1)[:, 0])
     logits, cache = model(jnp.maximum(new, 0)[:, None], cache=cache, lengths=lengths)
     vals, ids = top_candidates(cfg, logits[:, 0])
     return new, vals, ids, cache
-
-
-def check_mode(mode):
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
 
 
 def args(lm, prompts, reward, k=None, weight: float = 1.5, greedy=None, tau: float = 0.7, mode: str = "paper",
@@ -155,7 +143,7 @@ def args(lm, prompts, reward, k=None, weight: float = 1.5, greedy=None, tau: flo
     wall_s (compiles and the final scoring excluded), compile_s. return_trace adds stats["trace"]: candidate ids
     and rewards [B, N, k] (cached path only).
     """
-    check_mode(mode)
+    common.check_search_mode(mode)
     authors = mode == "authors_code"
     k = (40 if authors else 10) if k is None else k
     greedy = True if greedy is None else bool(greedy)

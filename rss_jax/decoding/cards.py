@@ -38,7 +38,6 @@ from rss_jax.decoding.autoregressive import SamplerConfig, prefill, sampler_conf
 from rss_jax.decoding.best_of_n import SearchOutput, run_population
 from rss_jax.rewards import as_reward
 
-MODES = ("paper", "authors_code")
 SLOT_TAG = 0xCA4D5
 ACCEPT_TAG = 0xACC3
 
@@ -161,8 +160,7 @@ def accept_rule(rewards, thresholds, log_u, beta):
 
 
 def check_common(mode, beta, max_tries, tau_r):
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    common.check_search_mode(mode)
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
     if not isinstance(max_tries, (int, np.integer)) or max_tries < 1:

@@ -53,6 +53,14 @@ def encode_prompts(lm, prompts, chat: bool = True) -> list[list[int]]:
     return out
 
 
+SEARCH_MODES = ("paper", "authors_code")  # the SSS paper's baselines: the published method, or its released code
+
+
+def check_search_mode(mode):
+    if mode not in SEARCH_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {SEARCH_MODES}")
+
+
 def bucket(n: int) -> int:
     """Power-of-two prompt bucket (at least MIN_BUCKET)."""
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())

@@ -25,7 +25,9 @@ from flax import nnx
 
 from rss_jax import sampling
 from rss_jax.decoding import common
-from rss_jax.decoding.autoregressive import SamplerConfig, prefill
+from rss_jax.decoding.autoregressive import SamplerConfig, prefill, sampler_config
+from rss_jax.decoding.best_of_n import SearchOutput
+from rss_jax.rewards import as_reward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,3 +301,83 @@ def prompt_setup(small, big, scfg, prompts, max_new_tokens: int, max_step_tokens
     b_ctx = Context(big, scfg, prompts, capacity, stats, "big")
     keys = tuple(prompt_keys(root, tag, prompt_offset, len(prompts)) for tag in tags)
     return s_ctx, b_ctx, keys
+
+
+@dataclasses.dataclass
+class StepSearch:
+    """What GSI and RSD share around their step rule: validated set-up, per-prompt responses and steps, the end of
+    a round (commit each prompt's step, retire finished prompts) and the SearchOutput."""
+    cfg: SamplerConfig
+    scfg: StepConfig
+    prompt_ids: list
+    reward: object
+    mask: jax.Array
+    stats: dict
+    max_steps: int | None
+    t_start: float
+    responses: list = dataclasses.field(default_factory=list)  # per prompt: the tokens so far
+    done_steps: list = dataclasses.field(default_factory=list)  # per prompt: the committed steps
+    active: np.ndarray | None = None  # [B] bool: prompts still decoding
+
+    @classmethod
+    def start(cls, small, big, prompts, reward, n, max_new_tokens, temperature, top_k, top_p, min_p, eos, chat,
+              max_step_tokens, step_end_ids, max_steps, prompt_offset, logprob_temperature=None):
+        if small.config.vocab_size != big.config.vocab_size:
+            raise ValueError(f"small and big models must share a vocabulary: {small.config.vocab_size} vs "
+                             f"{big.config.vocab_size} logits")
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if not isinstance(prompt_offset, (int, np.integer)) or prompt_offset < 0:
+            raise ValueError(f"prompt_offset must be an integer >= 0, got {prompt_offset!r}")
+        cfg = sampler_config(small, max_new_tokens, temperature, top_k, top_p, min_p, eos)
+        scfg = StepConfig(cfg, int(max_step_tokens), None if logprob_temperature is None else float(logprob_temperature))
+        prompt_ids = common.encode_prompts(small, prompts, chat)
+        common.check_context(big, prompt_ids, max_new_tokens, max_step_tokens)
+        return cls(cfg, scfg, prompt_ids, as_reward(reward, small.tokenizer or big.tokenizer),
+                   jnp.asarray(step_end_mask(small, step_end_ids)), new_stats(("small", "big")), max_steps,
+                   time.perf_counter(), [[] for _ in prompt_ids], [[] for _ in prompt_ids],
+                   np.full((len(prompt_ids),), max_steps is None or max_steps > 0))
+
+    def round(self):
+        """-> (live prompt indices, pos0 [B], limit [B]) of a new round."""
+        self.stats["rounds"] += 1
+        pos0 = np.asarray([len(r) for r in self.responses], np.int32)
+        return np.flatnonzero(self.active), pos0, np.minimum(self.scfg.max_step_tokens, self.cfg.max_new_tokens - pos0)
+
+    def rewards(self, cands: dict, n: int, dtype=np.float64) -> np.ndarray:
+        """cands {b: n candidate steps} -> [B, n] rewards (0 for the other prompts), one reward call."""
+        r = np.zeros((len(self.prompt_ids), n), dtype)
+        live = list(cands)
+        r[live] = step_rewards(self.reward, [(self.prompt_ids[b], self.responses[b], self.done_steps[b], cands[b])
+                                             for b in live], self.stats)
+        return r
+
+    def advance(self, chosen: dict, stop=None):
+        """chosen {b: step}: append each step; a prompt finishes at EOS, the token budget, max_steps or stop(b)."""
+        for b, step in chosen.items():
+            self.responses[b] += step
+            self.done_steps[b].append(step)
+            if (any(t in self.cfg.eos for t in step) or len(self.responses[b]) >= self.cfg.max_new_tokens
+                    or (self.max_steps is not None and len(self.done_steps[b]) >= self.max_steps)
+                    or (stop is not None and stop(b))):
+                self.active[b] = False
+
+    def finish(self, small, **method_stats):
+        """Score the final responses (one call) -> SearchOutput with the stats every step-level method reports."""
+        tokens = np.full((len(self.prompt_ids), self.cfg.max_new_tokens), -1, np.int32)
+        for b, resp in enumerate(self.responses):
+            tokens[b, : len(resp)] = resp
+        scores = final_rewards(self.reward, self.prompt_ids, self.responses, self.stats)
+        st = self.stats
+        total = time.perf_counter() - self.t_start
+        st.update(method_stats)
+        st.update(acceptance_rate=st["accepted_steps"] / max(st["steps"], 1), small_forwards=st["small_calls"],
+                  target_forwards=st["big_calls"], tokens_generated=int((tokens >= 0).sum()), total_s=total,
+                  wall_s=total - st["compile_s"], s_per_step=(total - st["compile_s"]) / max(st["steps"], 1))
+        out = common.finish_output(small, tokens, self.prompt_ids, st)
+        return SearchOutput(**{f.name: getattr(out, f.name) for f in dataclasses.fields(out)}, scores=scores)
+
+
+def candidate_steps(steps, lens, n: int, prompts) -> dict:
+    """Rows b * n + i of a generation -> {b: [n candidate steps as lists]} for the prompts asked for."""
+    return {b: [steps[b * n + i, : lens[b * n + i]].tolist() for i in range(n)] for b in prompts}

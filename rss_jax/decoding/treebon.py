@@ -31,6 +31,7 @@ from flax import nnx
 from rss_jax.decoding import cards as cards_mod, common
 from rss_jax.decoding.autoregressive import sampler_config
 from rss_jax.decoding.best_of_n import SearchOutput, global_row_ids, population_resume, population_start
+from rss_jax.decoding.speculative import _is_head as is_head
 from rss_jax.rewards import Reward, as_reward
 
 
@@ -45,26 +46,25 @@ def _token_logprobs(graphdef, state, tokens):
     return jnp.pad(shifted, ((0, 0), (1, 0))), unshifted
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _head_logprobs(target_graphdef, policy_graphdef, reference_graphdef, taps, target_state, policy_state,
-                   reference_state, tokens, embed, out_rows, dindex):
-    """Feature heads of one target, teacher-forced on tokens [B, T]: one target forward with taps, then each head's
-    step-1 log-probs. -> (policy, reference) [B, T] with entry t = log p(tokens[t] | tokens[<t]) for t >= 2 (0 at
-    t < 2 and where tokens[t] is outside the heads' draft vocabulary: both heads give it probability 0)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _head_logprobs(target_graphdef, policy_graphdef, reference_graphdef, taps, tap_index, target_state,
+                   policy_state, reference_state, tokens, embed, out_rows, dindex):
+    """Feature heads of one target, teacher-forced on tokens [B, T]: one target forward with the union of their
+    taps (`taps`; `tap_index` says which of them each head reads), then each head's step-1 log-probs. -> (policy,
+    reference) [B, T] with entry t = log p(tokens[t] | tokens[<t]) for t >= 2 (0 at t < 2 and where tokens[t] is
+    outside the heads' draft vocabulary: both heads give it probability 0)."""
     _, _, tapped = nnx.merge(target_graphdef, target_state)(tokens, return_hidden=True, taps=taps)
     idx = dindex[tokens[:, 2:]]
     out = []
-    for graphdef, state in ((policy_graphdef, policy_state), (reference_graphdef, reference_state)):
+    for graphdef, state, which in ((policy_graphdef, policy_state, tap_index[0]),
+                                   (reference_graphdef, reference_state, tap_index[1])):
         head = nnx.merge(graphdef, state)
-        logits, _, _ = head(head.fuse(tapped[:, :-1].astype(jnp.float32)), tokens[:, 1:], embed, out_rows)
+        feat = head.fuse(tapped[:, :-1][:, :, list(which)].astype(jnp.float32))
+        logits, _, _ = head(feat, tokens[:, 1:], embed, out_rows)
         lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # slot u predicts token u + 2
         tok = jnp.take_along_axis(lp, jnp.maximum(idx, 0)[..., None], axis=-1)[..., 0]
         out.append(jnp.pad(jnp.where(idx >= 0, tok, 0.0), ((0, 0), (2, 0))))
     return out[0], out[1]
-
-
-def _is_head(m) -> bool:
-    return getattr(m, "is_feature_head", False)
 
 
 class ImplicitReward(Reward):
@@ -81,7 +81,7 @@ class ImplicitReward(Reward):
     counts scoring calls; each is one batched forward of each model (and of the target for heads)."""
 
     def __init__(self, policy, reference, shifted: bool = True, target=None, pad_id: int = 0):
-        heads = [_is_head(m) for m in (policy, reference)]
+        heads = [is_head(m) for m in (policy, reference)]
         if any(heads):
             if not all(heads) or target is None or not shifted:
                 raise ValueError("feature-draft heads score the implicit reward only in pairs (policy and reference "
@@ -106,12 +106,15 @@ class ImplicitReward(Reward):
             where = np.full((target.config.vocab_size,), -1, np.int32)
             where[ids] = np.arange(len(ids), dtype=np.int32)
             self._dindex = jnp.asarray(where)
+            self._taps = tuple(sorted({int(t) for h in (policy, reference) for t in h.config.taps}))
+            self._tap_index = tuple(tuple(self._taps.index(int(t)) for t in h.config.taps)
+                                    for h in (policy, reference))
 
     def _logprobs(self, tok):
         """-> (policy, reference) per-position log-probs, shifted or unshifted, float64 [B, T]."""
         if self.heads:
             p, r = (self.policy, self.reference)
-            out = _head_logprobs(self.target.graphdef, p.graphdef, r.graphdef, tuple(p.config.taps),
+            out = _head_logprobs(self.target.graphdef, p.graphdef, r.graphdef, self._taps, self._tap_index,
                                  self.target.state, p.state, r.state, tok, self._embed, self._out_rows, self._dindex)
             return tuple(np.asarray(x, np.float64) for x in out)
         k = 0 if self.shifted else 1
@@ -121,11 +124,8 @@ class ImplicitReward(Reward):
     def token_terms(self, prompt_ids, response_ids):
         """-> list of per-token weighted terms (what `score` sums), one array per row."""
         seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
-        width = common.bucket(max(len(s) for s in seqs))
-        tokens = np.full((len(seqs), width), self.pad_id, np.int32)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)] = s
-        lp, lr = self._logprobs(jnp.asarray(tokens))
+        tokens, _ = common.pad_prompts(seqs, common.bucket(max(len(s) for s in seqs)), self.pad_id)
+        lp, lr = self._logprobs(tokens)
         self.calls += 1
         out = []
         for i, (p, s) in enumerate(zip(prompt_ids, seqs)):
@@ -158,8 +158,7 @@ def treebon(lm, prompts, reward, n: int = 16, n_children: int = 4, n_layers: int
     last layer's rows) with stats: target_forwards, small_forwards (forwards of dpo and sft), reward_calls,
     reward_rows, reward_tokens, tokens_generated, wall_s, layers (paper: stops, cutoffs of each pruning) or the
     CARDS stats (authors_code, with implicit_scores)."""
-    if mode not in cards_mod.MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {cards_mod.MODES}")
+    common.check_search_mode(mode)
     if dpo is None or (mode == "paper" and sft is None):
         raise ValueError("TreeBoN needs dpo= (the DPO draft) and, in paper mode, sft= (its SFT draft): separate "
                          "models over the target's vocabulary, or two feature-draft heads of the target")
