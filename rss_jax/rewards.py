@@ -105,7 +105,7 @@ def _prm_token_scores(graphdef, head, state, tokens):
 
 
 class ProcessReward(Reward):
-    """A process reward model: per-step scores read at separator positions (SPEC.md section 7).
+    """A process reward model: per-step scores read at separator positions (docs/algorithms.md §8).
 
     The scored sequence is, in token ids,
         prefix_ids + prompt_ids + prompt_suffix_ids + step_1 + [sep_id] + step_2 + [sep_id] + ...

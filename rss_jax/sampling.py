@@ -1,4 +1,4 @@
-"""Logit processors and the rejection-sampling primitives of speculative decoding (SPEC.md sections 1 and 2).
+"""Logit processors and the rejection-sampling primitives of speculative decoding (docs/algorithms.md §1, §2).
 
 Everything here is a pure function of arrays, jittable and vmappable; probabilities and log-probabilities are
 computed in float32 whatever the dtype of the incoming logits. Sampling knobs (``temperature``, ``top_k``,
@@ -320,7 +320,7 @@ def mean_c(logits_target: jax.Array, logits_draft: jax.Array, logits_sft: jax.Ar
            shift=1.0) -> jax.Array:
     """C_t = sum_v pi_r(v) pi_ref(v) / pi_sft(v) per position: three [..., V] -> [...] float32.
 
-    pi_X = softmax(l_X / T), tempered and unfiltered (SPEC 1). With ``shift`` != 1 this is the mass
+    pi_X = softmax(l_X / T), tempered and unfiltered (docs/algorithms.md §1.3). With ``shift`` != 1 this is the mass
     sum_v pi_ref (pi_r / pi_sft)^shift of the paper rule's unnormalised target. C = 1 iff the paper rule is exact.
     Temperature 0 uses T = 1 (the one-hot limit makes C degenerate: 0, 1 or inf). A vocabulary entry with
     pi_sft = 0 < pi_r pi_ref gives C = inf (never NaN).
@@ -412,7 +412,7 @@ def _paper_row(key, draft, log_ref, log_r, log_sft, tilde, shift):
         pos = jnp.arange(n_draft)
         d_ref, d_r, d_sft = log_ref[pos, draft], log_r[pos, draft], log_sft[pos, draft]
         if _is_real_number(shift) and float(shift) == 1.0:
-            accept_prob = _accept_prob_from_logs(d_ref, d_sft)  # min(1, pi_ref(d)/pi_sft(d)), SPEC 2.1 verbatim
+            accept_prob = _accept_prob_from_logs(d_ref, d_sft)  # min(1, pi_ref(d)/pi_sft(d)): docs/algorithms.md §2.3
         else:
             accept_prob = _accept_prob_from_logs(log_target[pos, draft], d_r)
         a = _count_accepted(k_acc, accept_prob)
@@ -450,7 +450,7 @@ def sss_verify_with_flags(keys: jax.Array, draft_tokens: jax.Array, q_probs: jax
                           logits_draft: jax.Array, logits_sft: jax.Array, mode: str, temperature, shift=1.0,
                           top_k: Optional[int] = None, top_p: Optional[float] = None,
                           min_p: Optional[float] = None) -> VerifyResult:
-    """Reward-shifted speculative sampling verification (SPEC 2.1), with the empty-residual flag.
+    """Reward-shifted speculative sampling verification (docs/algorithms.md §2.3), with the empty-residual flag.
 
     keys [B]; draft_tokens [B, K] int; q_probs [B, K, V] the proposal the drafts were sampled from;
     logits_target (pi_ref), logits_draft (pi_r, the aligned draft) and logits_sft (pi_sft): [B, K+1, V] each.

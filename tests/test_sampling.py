@@ -1,7 +1,7 @@
-"""Tests for rss_jax.sampling (SPEC.md sections 1 and 2).
+"""Tests for rss_jax.sampling (docs/algorithms.md §1 and §2).
 
 Logit processors are checked against NumPy oracles; the verify rules by Monte Carlo against closed forms computed
-here in NumPy (float64), on the SPEC worked examples and on random distributions.
+here in NumPy (float64), on the worked examples of docs/algorithms.md and on random distributions.
 
 Monte Carlo tolerance: a cell of true probability p estimated from n independent samples has standard error
 sqrt(p (1 - p) / n). Every frequency (and rate) must lie within N_SE = 5 standard errors of its expected value,
@@ -102,7 +102,9 @@ def np_sd_law(q_sample, q_ratio, p):
 
 
 def np_paper_law(q, ref, r, sft, p_tilde):
-    """SPEC 2.1 paper rule, draft ~ q: accept min(1, ref/sft); residual norm((r (ref/sft - 1))_+), else p~."""
+    """The paper rule of docs/algorithms.md §2.3, draft ~ q.
+
+    Accept min(1, ref/sft); residual norm((r (ref/sft - 1))_+), else p~."""
     w = _safe_div(ref, sft)
     acc_v = q * np.minimum(1.0, w)
     acc = acc_v.sum()
@@ -218,13 +220,13 @@ def simulate_two_blocks(key, q, p):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# SPEC 2.2 worked example
+# Worked example, docs/algorithms.md §2.4
 # ----------------------------------------------------------------------------------------------------------------
 
 PI_REF = np.array([0.5, 0.3, 0.2])
 PI_SFT = np.array([0.4, 0.4, 0.2])
 PI_R = np.array([0.2, 0.5, 0.3])
-SPEC_22 = {  # mode -> (acceptance, output law), as printed in SPEC 2.2 (4 decimals)
+WORKED_EXAMPLE = {  # mode -> (acceptance, output law), as printed in docs/algorithms.md §2.4 (4 decimals)
     "exact": (0.9054, [0.2703, 0.4054, 0.3243]),
     "paper": (0.875, [0.325, 0.375, 0.300]),
     "authors_code": (0.700, [0.200, 0.600, 0.200]),
@@ -236,8 +238,8 @@ SPEC_22 = {  # mode -> (acceptance, output law), as printed in SPEC 2.2 (4 decim
 def test_spec_22_worked_example(mode):
     lt, ld, ls = np.log(PI_REF), np.log(PI_R), np.log(PI_SFT)
     acc, law, p_tilde = np_mode_law(mode, PI_R, lt, ld, ls, 1.0)
-    # the closed form reproduces the SPEC numbers ...
-    spec_acc, spec_law = SPEC_22[mode]
+    # the closed form reproduces the documented numbers ...
+    spec_acc, spec_law = WORKED_EXAMPLE[mode]
     np.testing.assert_allclose(acc, spec_acc, atol=5e-5)
     np.testing.assert_allclose(law, spec_law, atol=5e-5)
     np.testing.assert_allclose(p_tilde, [0.2703, 0.4054, 0.3243], atol=5e-5)
@@ -321,7 +323,7 @@ def test_paper_mode_shift_generalisation():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# SPEC 2.3 invariants
+# Invariants, docs/algorithms.md §2.5
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -355,7 +357,7 @@ def test_invariant_reference_equals_sft_gives_draft():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# SPEC 2.4 filtering pitfall
+# Proposal filtering pitfall, docs/algorithms.md §2.6
 # ----------------------------------------------------------------------------------------------------------------
 
 

@@ -88,7 +88,7 @@ def _check_two_token_law(out, first, second):
                                                      ("sss", "paper", None), ("eft", "exact", None),
                                                      ("sd", "exact", 3), ("sss", "exact", 3)])
 def test_engine_two_token_law(trio, method, mode, draft_top_k):
-    """draft_top_k filters only the proposal (SPEC 2.4): the output law must not change."""
+    """draft_top_k filters only the proposal (docs/algorithms.md §2.6): the output law must not change."""
     target, draft, sft = trio
     if method == "sd":
         first, second = _laws(trio, lambda lt, ld, ls: _softmax(lt))

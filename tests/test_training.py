@@ -1,4 +1,4 @@
-"""The training package: DPO loss formulas (SPEC.md section 8), masking, data errors, DPO learning, bit-for-bit
+"""The training package: DPO loss formulas (docs/algorithms.md §9), masking, data errors, DPO learning, bit-for-bit
 resume through the command line, Orbax export, make_draft. Tiny random Llama models; every run shares one tiny
 architecture so that equal step configurations reuse one compiled step."""
 from __future__ import annotations
@@ -66,7 +66,7 @@ def pairs_file(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# dpo_loss against the NumPy formulas of SPEC.md section 8
+# dpo_loss against the NumPy formulas of docs/algorithms.md §9
 
 
 def np_log_sigmoid(x):

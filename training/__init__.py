@@ -4,7 +4,7 @@
     result = train(TrainConfig(mode="dpo", policy="drafts/sft", data="pairs.jsonl", output="runs/dpo", steps=200))
     rss_jax.load("runs/dpo/final")          # the exported draft
 
-Losses follow SPEC.md section 8; the command line is `rss-jax train sft|distill|dpo` (training/cli.py).
+Losses follow docs/algorithms.md §9; the command line is `rss-jax train sft|distill|dpo` (training/cli.py).
 """
 from training.data import DataError, Dataset, ExampleStream, build_dataset, read_jsonl  # noqa: F401
 from training.draft import (draft_vocabulary, frequent_token_ids, make_draft, parse_layers,  # noqa: F401

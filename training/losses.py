@@ -1,4 +1,4 @@
-"""The training losses of SPEC.md section 8: DPO (sigmoid with label smoothing, IPO, hinge), masked next-token
+"""The training losses of docs/algorithms.md §9: DPO (sigmoid with label smoothing, IPO, hinge), masked next-token
 cross-entropy, and distillation toward a teacher (KL or total variation).
 
 Every function is pure and jittable; probabilities and log-probabilities are computed in float32.

@@ -1,4 +1,4 @@
-"""Best-of-N and soft Best-of-N (SPEC.md section 3), and the population engine Speculative Rejection shares.
+"""Best-of-N and soft Best-of-N (docs/algorithms.md §4), and the population engine Speculative Rejection shares.
 
 A *population* is n sampled responses per prompt from one prefill fanned out to n rows. Rows are laid out
 prompt-major (slot b * n + i) and carry the global row id i * B + b, the same id `rj.generate` gives row b, so

@@ -1,4 +1,4 @@
-"""GSI: Guided Speculative Inference (Geuter, Mroueh, Alvarez-Melis; arXiv 2506.04118; SPEC.md section 5).
+"""GSI: Guided Speculative Inference (Geuter, Mroueh, Alvarez-Melis; arXiv 2506.04118; docs/algorithms.md §6).
 
 Per step: draw n steps from the small model pi_S, score them with the reward and, in one batched teacher-forced pass,
 with the big model pi_B; tilt r~_i = r_i + (log pi_B(y_i) - log pi_S(y_i)) / beta; pick i ~ softmax(beta r~); accept

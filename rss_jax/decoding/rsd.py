@@ -1,4 +1,4 @@
-"""RSD: Reward-Guided Speculative Decoding (Liao et al., ICML 2025, arXiv 2501.19324; SPEC.md section 6).
+"""RSD: Reward-Guided Speculative Decoding (Liao et al., ICML 2025, arXiv 2501.19324; docs/algorithms.md §7).
 
 Per step: draft one step with the small model, score it with a (process) reward model, keep it if r >= delta, else
 regenerate the step with the big model. The law is the mixture omega(r) P_small + nu P_big with omega(r) = 1[r >= delta]

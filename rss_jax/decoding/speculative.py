@@ -410,7 +410,7 @@ def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, 
              "blocks": int(it), "target_calls": int(it),
              # heads: K drafting steps and one true-feature re-run of the proposal head per block
              "draft_calls": int(it) * (cfg.k + 1 if cfg.three_models or _is_head(draft) else cfg.k),
-             # per-row sums (the SPEC theory check) divide by row_blocks_total, not by the batched `blocks`
+             # per-row sums (the §2.7 check of docs/algorithms.md) divide by row_blocks_total, not by `blocks`
              "row_blocks": st["blocks"].tolist(), "row_blocks_total": blocks, "accepted": acc,
              "acceptance_rate": acc / (cfg.k * blocks) if cfg.k and blocks else float("nan"),
              "alpha_hat": acc / (acc + rejections) if (acc + rejections) else float("nan"),

@@ -1,4 +1,4 @@
-"""Speculative Rejection (Sun et al., NeurIPS 2024; SPEC.md section 4): Best-of-N made cheap by pruning.
+"""Speculative Rejection (Sun et al., NeurIPS 2024; docs/algorithms.md §5): Best-of-N made cheap by pruning.
 
 Start n_init rows per prompt, generate to a decision point, score the partial responses as if complete, keep the best
 (1 - alpha) fraction, continue from the gathered KV cache, repeat; return the best finished response. The schedule
