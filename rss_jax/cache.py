@@ -35,8 +35,12 @@ class KVCache:
 
 
 def init_cache(config, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
+    """Zeros [L, B, S, KVH, D]. Traced under a mesh (`jax.set_mesh`, as every compiled loop of a model on a mesh
+    is), the cache is pinned to rows over the batch axes and KV heads over tensor (`rss_jax.sharding.cache_spec`)."""
+    from rss_jax.sharding import constrain_cache
     shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    k, v = constrain_cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return KVCache(k=k, v=v)
 
 
 def write_block(cache_l: jax.Array, new: jax.Array, lengths: jax.Array) -> jax.Array:

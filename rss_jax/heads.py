@@ -73,6 +73,16 @@ class FeatureDraft:
     def params(self) -> dict:
         return flatten(nnx.to_pure_dict(self.state))
 
+    def replicate(self, mesh) -> "FeatureDraft":
+        """The same head with every weight replicated over `mesh` (a head is a few million parameters; the target's
+        features it reads arrive sharded like the target's batch)."""
+        from rss_jax import sharding
+        host = {k: np.asarray(v) for k, v in sharding.to_host(self.params()).items()}
+        state = jax.tree.map(lambda x: x, self.state)
+        nnx.replace_by_pure_dict(state, unflatten({k: sharding.place(v, sharding.replicated(mesh))
+                                                   for k, v in host.items()}))
+        return dataclasses.replace(self, state=state)
+
     def check_target(self, lm) -> None:
         """Raise HeadTargetMismatch when `lm` is not the target this head was made for."""
         self.config.check_target(lm.config, what=f"the target {getattr(lm, 'source', '')!r}")
@@ -85,7 +95,9 @@ class FeatureDraft:
         path = os.path.abspath(path)
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        flat = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype)) for k, v in self.params().items()}
+        from rss_jax.sharding import to_host
+        flat = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype))
+                for k, v in to_host(self.params()).items()}
         with atomic_folder(path) as tmp:
             os.chmod(tmp, 0o755)  # a temporary folder is private; a saved head is readable like any checkpoint
             save_file(flat, os.path.join(tmp, WEIGHTS))

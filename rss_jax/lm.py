@@ -33,6 +33,11 @@ class LM:
     dtype: str = "float32"
 
     @property
+    def mesh(self):
+        """The mesh the weights live on (None on one device)."""
+        return sharding.mesh_of(self.state)
+
+    @property
     def module(self):
         return nnx.merge(self.graphdef, self.state)
 
@@ -58,7 +63,13 @@ class LM:
         tokens = jnp.asarray(np.asarray(tokens, dtype=np.int32))
         if tokens.ndim == 1:
             tokens = tokens[None]
-        return _uncached_logits(self.graphdef, self.state, tokens)
+        mesh = self.mesh
+        if mesh is None:
+            return _uncached_logits(self.graphdef, self.state, tokens)
+        with jax.set_mesh(mesh):
+            out = _uncached_logits(self.graphdef, self.state, sharding.to_global(tokens, mesh)
+                                   if jax.process_count() > 1 else tokens)
+        return sharding.to_host(out)
 
     def params(self) -> dict:
         """Flat {path: array} view of the parameters."""
@@ -66,7 +77,7 @@ class LM:
 
     def save(self, path: str, overwrite: bool = False) -> str:
         """Write an Orbax folder that `rss_jax.load` reads back without re-conversion."""
-        flat = {k: np.asarray(v, dtype=np.float32) for k, v in self.params().items()}
+        flat = {k: np.asarray(v, dtype=np.float32) for k, v in sharding.to_host(self.params()).items()}
         return loading.orbax_io.save(path, self.config, flat, self.tokenizer, overwrite=overwrite)
 
     def __repr__(self):
@@ -75,30 +86,47 @@ class LM:
                 f"vocab={c.vocab_size}, dtype={self.dtype}, source={self.source!r})")
 
 
-def from_params(config, flat: dict, tokenizer=None, dtype="float32", mesh=None, source="") -> LM:
-    """Assemble an LM from a config and a flat {path: array} parameter dict."""
+def from_params(config, flat: dict, tokenizer=None, dtype="float32", mesh=None, source="",
+                rules=sharding.DEFAULT_RULES) -> LM:
+    """Assemble an LM from a config and a flat {path: array} parameter dict (on `mesh` by `rules` when given)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     jdtype = DTYPES[dtype]
     graphdef, abstract = nnx.split(abstract_model(config, jdtype))
-    if mesh is not None:
-        arrays = sharding.shard_params({k: np.asarray(v).astype(jdtype) for k, v in flat.items()}, mesh)
+    if mesh is not None:  # every process copies only its own shards of each host array onto its devices
+        arrays = sharding.shard_params(config, flat, mesh, rules, dtype=jdtype)
     else:
         arrays = {k: jnp.asarray(v, dtype=jdtype) for k, v in flat.items()}
     nnx.replace_by_pure_dict(abstract, unflatten(arrays))
     return LM(config=config, graphdef=graphdef, state=abstract, tokenizer=tokenizer, source=source, dtype=dtype)
 
 
-def load(source: str, dtype: str = "float32", mesh=None) -> LM:
+def load(source: str, dtype: str = "float32", mesh=None, rules=sharding.DEFAULT_RULES) -> LM:
     """Load a model from a Hugging Face folder (safetensors), a .gguf file, an rss_jax Orbax folder or a built-in name
     such as "smollm2-135m-instruct". Weights are converted to `dtype` ("float32" or "bfloat16").
     A feature-draft head folder (`FeatureDraft.save`) or a built-in head name ("smollm2-135m-instruct-head-sft",
-    "smollm2-135m-instruct-head-aligned") gives a `rss_jax.heads.FeatureDraft`."""
+    "smollm2-135m-instruct-head-aligned") gives a `rss_jax.heads.FeatureDraft`.
+
+    With `mesh` (`rss_jax.sharding.make_mesh`) each weight is placed straight into its sharding by its logical axes
+    and `rules` (`rss_jax.sharding.Rules`): every process copies only its own shards from the host arrays, and a mesh
+    axis that does not divide a dimension it shards raises `rss_jax.sharding.ShardingError`. Feature-draft heads
+    (a few million parameters) are replicated over the mesh."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     from rss_jax import heads
     source = heads.resolve_builtin_head(os.fspath(source)) or os.fspath(source)
     if heads.is_head_folder(source):  # a feature-draft head (rss_jax.heads.FeatureDraft)
-        return heads.load_head(source, dtype=dtype)
+        head = heads.load_head(source, dtype=dtype)
+        return head.replicate(mesh) if mesh is not None else head
+    if mesh is not None and loading.orbax_io.is_orbax_folder(source):
+        # an rss_jax folder restores straight into the mesh layout: each process reads only its own shards
+        config = loading.orbax_io.read_config(source)
+        targets = loading.flatten_targets(config)
+        shardings = sharding.param_shardings(config, {k: v.shape for k, v in targets.items()}, mesh, rules)
+        arrays = loading.orbax_io.restore(source, targets, shardings, DTYPES[dtype])
+        graphdef, abstract = nnx.split(abstract_model(config, DTYPES[dtype]))
+        nnx.replace_by_pure_dict(abstract, unflatten(arrays))
+        return LM(config=config, graphdef=graphdef, state=abstract, tokenizer=loading.load_tokenizer(source),
+                  source=os.fspath(source), dtype=dtype)
     config, flat, tokenizer, path = loading.load_weights(os.fspath(source))
-    return from_params(config, flat, tokenizer, dtype=dtype, mesh=mesh, source=path)
+    return from_params(config, flat, tokenizer, dtype=dtype, mesh=mesh, source=path, rules=rules)

@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 import rss_jax
+from rss_jax import sharding
 from rss_jax.lm import LM, from_params
 from training import checkpoint as ckpt
 from training.data import Dataset, DataError, ExampleStream, build_dataset
@@ -73,6 +75,9 @@ class TrainConfig:
                                       # data's response tokens) before training
     export: bool = True               # write <output>/final at the end of the run
     progress: bool = True
+    mesh: object = None               # a jax Mesh (rss_jax.sharding.make_mesh): weights and optimizer state sharded by
+                                      # their logical axes, each batch's rows over data x fsdp
+    rules: object = None              # rss_jax.sharding.Rules (None: the defaults)
 
 
 @dataclasses.dataclass
@@ -237,19 +242,49 @@ def _finish_metrics(mode: str, stats: dict) -> dict:
 # set-up helpers
 
 
-def _load(model, what: str) -> LM:
+def _load(model, what: str, mesh=None, rules=None) -> LM:
     if isinstance(model, LM):
         return model
     if model is None:
         raise ValueError(f"a {what} model is required")
-    return rss_jax.load(os.fspath(model), dtype="float32")
+    return rss_jax.load(os.fspath(model), dtype="float32", mesh=mesh, rules=rules or sharding.DEFAULT_RULES)
 
 
-def _as_float32(lm: LM) -> LM:
-    if lm.dtype == "float32":
+def _as_float32(lm: LM, mesh=None, rules=None) -> LM:
+    """The model in float32, placed on `mesh` (when given) by its logical axes."""
+    if lm.dtype == "float32" and (mesh is None or lm.mesh == mesh):
         return lm
-    return from_params(lm.config, {k: np.asarray(v, np.float32) for k, v in lm.params().items()}, lm.tokenizer,
-                       dtype="float32", source=lm.source)
+    host = {k: np.asarray(v, np.float32) for k, v in sharding.to_host(lm.params()).items()}
+    return from_params(lm.config, host, lm.tokenizer, dtype="float32", source=lm.source, mesh=mesh,
+                       rules=rules or sharding.DEFAULT_RULES)
+
+
+def _opt_shardings(tx, params, mesh):
+    """Where each optimizer leaf lives: a leaf shaped like a parameter (Adam's moments) beside that parameter's
+    shards, every other leaf (step counts) replicated."""
+    where = {tuple(p): (leaf.shape, leaf.sharding) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def pick(path, leaf):
+        for i in range(len(path)):
+            hit = where.get(tuple(path[i:]))
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return sharding.replicated(mesh)
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
+
+
+def _place_batch(batch: dict, mesh, rules):
+    """Host batch arrays [grad_accum, batch, ...] -> global arrays with the rows over the batch mesh axes (each
+    process copies only the rows its devices hold); ShardingError when those axes do not divide --batch-size."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, batch)
+    out = {}
+    for k, v in batch.items():
+        logical = (None, "batch") + (None,) * (v.ndim - 2)
+        spec = sharding.spec_for(f"the training batch ({k}; --batch-size {v.shape[1]})", v.shape, logical, mesh,
+                                 rules)
+        out[k] = sharding.place(v, NamedSharding(mesh, spec))
+    return out
 
 
 def check_head_vocabulary(policy: LM, data: Dataset) -> None:
@@ -328,14 +363,17 @@ def validate(cfg: TrainConfig):
         raise ValueError("--reference is a DPO option")
 
 
-def precompute_reference(ref: LM, data: Dataset, batch_size: int, compute_dtype: str = "float32") -> np.ndarray:
+def precompute_reference(ref: LM, data: Dataset, batch_size: int, compute_dtype: str = "float32",
+                         rules=None) -> np.ndarray:
     """Reference log-probs of every pair in one pass: [N, 2] (chosen, rejected), batches in data order."""
     n = len(data)
     out = np.zeros((n, 2), np.float32)
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n  # the last batch wraps so every call has the same shape
-        lp = _pair_logps_jit(ref.graphdef, ref.state, jnp.asarray(data.tokens[idx]),
-                             jnp.asarray(data.loss_mask[idx]), compute_dtype)
+        batch = _place_batch({"tokens": data.tokens[idx][None], "loss_mask": data.loss_mask[idx][None]}, ref.mesh,
+                             rules or sharding.DEFAULT_RULES)
+        lp = _pair_logps_jit(ref.graphdef, ref.state, batch["tokens"][0], batch["loss_mask"][0], compute_dtype)
+        lp = sharding.to_host(lp)
         take = min(batch_size, n - start)
         out[start:start + take] = np.asarray(lp)[:take]
     return out
@@ -349,16 +387,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) a training run; see TrainConfig. Every input is checked before anything is written."""
     validate(cfg)
     output = os.path.abspath(cfg.output)
-    policy = _as_float32(_load(cfg.policy, "policy"))
+    mesh, rules = cfg.mesh, cfg.rules or sharding.DEFAULT_RULES
+    main = sharding.is_main_process()  # only process 0 writes metrics, run.json and the progress bar
+    policy = _as_float32(_load(cfg.policy, "policy", mesh, rules), mesh, rules)
     if cfg.init_layers is not None:
-        policy = make_draft(policy, cfg.init_layers)
+        policy = _as_float32(make_draft(_as_float32(policy), cfg.init_layers), mesh, rules)
     tok = policy.tokenizer
     pad_id = policy.config.pad_token_id if policy.config.pad_token_id is not None else 0
     data = build_dataset(cfg.data, "dpo" if cfg.mode == "dpo" else "sft", tok, policy.config.vocab_size,
                          cfg.max_length, cfg.chat, pad_id=pad_id)
     if cfg.head_vocab:
         responses = [row[m.astype(bool)] for row, m in zip(data.tokens[:, 0], data.loss_mask[:, 0])]
-        policy = trim_vocab(policy, draft_vocabulary(responses, cfg.head_vocab))
+        policy = _as_float32(trim_vocab(_as_float32(policy), draft_vocabulary(responses, cfg.head_vocab)), mesh,
+                             rules)
     if cfg.mode != "distill" or cfg.ce_weight:
         check_head_vocabulary(policy, data)
     per_step = cfg.batch_size * cfg.grad_accum
@@ -368,12 +409,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     frozen = None
     if cfg.mode == "dpo":
         if cfg.reference is not None:
-            frozen = _as_float32(_load(cfg.reference, "reference"))
+            frozen = _as_float32(_load(cfg.reference, "reference", mesh, rules), mesh, rules)
             check_same_vocabulary(policy, frozen, "reference", str(getattr(frozen, "source", cfg.reference)))
         else:
             frozen = policy  # read-only: the policy's own buffers are never donated (params are copied below)
     elif cfg.mode == "distill":
-        frozen = _as_float32(_load(cfg.teacher, "teacher"))
+        frozen = _as_float32(_load(cfg.teacher, "teacher", mesh, rules), mesh, rules)
         check_same_vocabulary(policy, frozen, "teacher", str(getattr(frozen, "source", cfg.teacher)))
 
     existing = ckpt.latest_checkpoint(output)
@@ -397,8 +438,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     step_fn, tx = _compiled_step(spec)
     schedule = lr_schedule(float(cfg.learning_rate), int(cfg.steps), int(warmup), float(cfg.min_lr_ratio))
 
-    params = jax.tree.map(jnp.array, policy.state)  # a private copy: the step donates its buffers
-    opt_state = tx.init(params)
+    params = jax.tree.map(lambda x: x.copy(), policy.state)  # a private copy (same layout): the step donates it
+    if mesh is not None:
+        with jax.set_mesh(mesh):
+            opt_state = jax.jit(tx.init, out_shardings=_opt_shardings(tx, params, mesh))(params)
+    else:
+        opt_state = tx.init(params)
     rng = jax.random.key(cfg.seed)
     start, position = 0, 0
     if cfg.resume:
@@ -415,7 +460,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     ref_logps = None
     if cfg.mode == "dpo" and not online:
-        ref_logps = precompute_reference(frozen, data, cfg.batch_size, cfg.compute_dtype)
+        ref_logps = precompute_reference(frozen, data, cfg.batch_size, cfg.compute_dtype, rules)
     frozen_state = frozen.state if spec.frozen_graphdef is not None else None
 
     os.makedirs(output, exist_ok=True)
@@ -424,19 +469,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.resume and os.path.exists(metrics_path):
         with open(metrics_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-    with open(os.path.join(output, "run.json"), "w") as f:
-        json.dump({"fingerprint": fingerprint, "policy": str(getattr(policy, "source", "")),
-                   "data": os.path.abspath(cfg.data), "init_layers": cfg.init_layers}, f, indent=1, default=str)
+    if main:
+        with open(os.path.join(output, "run.json"), "w") as f:
+            json.dump({"fingerprint": fingerprint, "policy": str(getattr(policy, "source", "")),
+                       "data": os.path.abspath(cfg.data), "init_layers": cfg.init_layers}, f, indent=1, default=str)
 
     stream = ExampleStream(len(data), cfg.seed, cfg.shuffle, position)
     norm_key = "pairs" if cfg.mode == "dpo" else "tokens"
     history = []
     checkpoint_path = None
     bar = None
-    if cfg.progress:
+    if cfg.progress and main:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.mode}", dynamic_ncols=True)
-    with open(metrics_path, "w") as mf:
+    with open(metrics_path if main else os.devnull, "w") as mf:
         mf.writelines(kept)
         mf.flush()
         for step in range(start + 1, last + 1):
@@ -451,9 +497,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             rng, _ = jax.random.split(rng)  # the run's random stream (no stochastic layer uses it yet)
             lr = schedule(step - 1)
             t0 = time.perf_counter()
-            params, opt_state, stats = step_fn(params, opt_state, jax.tree.map(jnp.asarray, batch), frozen_state,
-                                               jnp.float32(norm), jnp.float32(lr))
-            stats = jax.device_get(stats)
+            scalars = (jnp.float32(norm), jnp.float32(lr))
+            if mesh is not None and jax.process_count() > 1:
+                scalars = sharding.to_global(scalars, mesh)
+            params, opt_state, stats = step_fn(params, opt_state, _place_batch(batch, mesh, rules), frozen_state,
+                                               *scalars)
+            stats = jax.device_get(sharding.to_host(stats))
             dt = time.perf_counter() - t0
             row = {"step": step, **_finish_metrics(cfg.mode, stats),
                    "tokens_per_s": float(data.n_tokens[idx].sum()) / dt, "lr": float(np.float32(lr)),

@@ -84,6 +84,8 @@ def run_population(lm, prompt_ids, cfg: SamplerConfig, reward, sizes, stops, see
     t_start = time.perf_counter()
     bsz, n0, nmax = len(prompt_ids), sizes[0], cfg.max_new_tokens
     common.check_context(lm, prompt_ids, nmax)
+    from rss_jax import sharding
+    sharding.check_batch(lm.mesh, bsz * n0, what=f"the {bsz} prompts x {n0} samples")
     tokens, lens = common.pad_prompts(prompt_ids, common.bucket(max(len(p) for p in prompt_ids)))
     base_key = jax.random.key(seed)
     pool = np.full((bsz, n0, nmax), -1, np.int32)  # every row's tokens, by row index

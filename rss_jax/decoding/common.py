@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rss_jax import sharding
+
 MIN_BUCKET = 16
 
 
@@ -125,7 +127,22 @@ class CompiledCache:
         self.compiles = 0
 
     def call(self, fn, static: tuple, *args) -> tuple[Any, float, float]:
-        """Run fn(*static, *args) jitted with `static` as static arguments. Returns (out, compile_s, run_s)."""
+        """Run fn(*static, *args) jitted with `static` as static arguments. Returns (out, compile_s, run_s).
+
+        When an argument lives on a mesh (a model loaded with `mesh=`), the loop is traced under that mesh, so that
+        the KV caches it creates are sharded to match; on several processes host inputs become replicated global
+        arrays and the outputs are gathered back to every process (NumPy)."""
+        mesh = sharding.mesh_of(args)
+        if mesh is None:
+            return self._call(fn, static, args)
+        multi = jax.process_count() > 1
+        if multi:
+            args = sharding.to_global(args, mesh)
+        with jax.set_mesh(mesh):
+            out, compile_s, run_s = self._call(fn, static, args)
+        return (sharding.to_host(out) if multi else out), compile_s, run_s
+
+    def _call(self, fn, static, args):
         # shapes, dtypes and shardings: the same model placed on a mesh needs its own executable
         shapes = tuple((a.shape, str(a.dtype), getattr(a, "sharding", None)) if hasattr(a, "shape") else type(a)
                        for a in jax.tree.leaves(args))

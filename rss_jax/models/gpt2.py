@@ -9,6 +9,18 @@ from flax import nnx
 from rss_jax.models.base import CausalLM, normal_init
 from rss_jax.models.layers import activation, attention, layer_norm, params_of, scan_layers
 
+# logical axes of every parameter (rss_jax.sharding maps them to mesh axes); the fused QKV output is split over
+# "heads" as one dimension (q, k and v columns each divide evenly when the heads do)
+LOGICAL_AXES = {
+    "wte": ("vocab", "embed"), "wpe": (None, "embed"), "lm_head": ("vocab", "embed"), "head_rows": (None, "embed"),
+    "ln_f_w": (None,), "ln_f_b": (None,),
+    "layers.ln1_w": ("layers", None), "layers.ln1_b": ("layers", None), "layers.ln2_w": ("layers", None),
+    "layers.ln2_b": ("layers", None), "layers.w_qkv": ("layers", "embed", "heads"), "layers.b_qkv": ("layers", "heads"),
+    "layers.w_o": ("layers", "heads", "embed"), "layers.b_o": ("layers", None),
+    "layers.w_fc": ("layers", "embed", "mlp"), "layers.b_fc": ("layers", "mlp"),
+    "layers.w_proj": ("layers", "mlp", "embed"), "layers.b_proj": ("layers", None),
+}
+
 LAYER_PARAMS = ("ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_o", "b_o", "ln2_w", "ln2_b", "w_fc", "b_fc", "w_proj",
                 "b_proj")
 

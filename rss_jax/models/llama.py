@@ -13,6 +13,17 @@ from flax import nnx
 from rss_jax.models.base import CausalLM, normal_init
 from rss_jax.models.layers import activation, apply_rope, attention, params_of, rms_norm, rope_inv_freq, scan_layers
 
+# logical axes of every parameter (rss_jax.sharding maps them to mesh axes); per-layer weights lead with "layers"
+LOGICAL_AXES = {
+    "embed_tokens": ("vocab", "embed"), "lm_head": ("vocab", "embed"), "head_rows": (None, "embed"), "norm": (None,),
+    "layers.attn_norm": ("layers", None), "layers.mlp_norm": ("layers", None),
+    "layers.wq": ("layers", "embed", "heads"), "layers.wk": ("layers", "embed", "kv_heads"),
+    "layers.wv": ("layers", "embed", "kv_heads"), "layers.bq": ("layers", "heads"),
+    "layers.bk": ("layers", "kv_heads"), "layers.bv": ("layers", "kv_heads"), "layers.wo": ("layers", "heads", "embed"),
+    "layers.w_gate": ("layers", "embed", "mlp"), "layers.w_up": ("layers", "embed", "mlp"),
+    "layers.w_down": ("layers", "mlp", "embed"),
+}
+
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
 

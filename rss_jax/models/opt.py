@@ -9,6 +9,19 @@ from flax import nnx
 from rss_jax.models.base import CausalLM, normal_init
 from rss_jax.models.layers import activation, attention, layer_norm, params_of, scan_layers
 
+# logical axes of every parameter (rss_jax.sharding maps them to mesh axes)
+LOGICAL_AXES = {
+    "embed_tokens": ("vocab", "embed"), "embed_positions": (None, "embed"), "head_rows": (None, "embed"),
+    "project_in": (None, "embed"), "project_out": ("embed", None), "final_ln_w": (None,), "final_ln_b": (None,),
+    "layers.attn_ln_w": ("layers", None), "layers.attn_ln_b": ("layers", None), "layers.mlp_ln_w": ("layers", None),
+    "layers.mlp_ln_b": ("layers", None), "layers.wq": ("layers", "embed", "heads"), "layers.bq": ("layers", "heads"),
+    "layers.wk": ("layers", "embed", "kv_heads"), "layers.bk": ("layers", "kv_heads"),
+    "layers.wv": ("layers", "embed", "kv_heads"), "layers.bv": ("layers", "kv_heads"),
+    "layers.wo": ("layers", "heads", "embed"), "layers.bo": ("layers", None),
+    "layers.w_fc1": ("layers", "embed", "mlp"), "layers.b_fc1": ("layers", "mlp"),
+    "layers.w_fc2": ("layers", "mlp", "embed"), "layers.b_fc2": ("layers", None),
+}
+
 LAYER_PARAMS = ("attn_ln_w", "attn_ln_b", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "mlp_ln_w", "mlp_ln_b",
                 "w_fc1", "b_fc1", "w_fc2", "b_fc2")
 
