@@ -375,7 +375,7 @@ def pooled_stats(outputs) -> dict:
 
 
 def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p,
-                         seed):
+                         seed, prompt_offset=0):
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k (draft tokens per block) must be an integer >= 1, got {k!r}")
     if draft_top_k is not None or draft_top_p is not None:
@@ -396,7 +396,7 @@ def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, 
         if m is not None:
             common.check_context(m, prompt_ids, cfg.max_new_tokens, extra=cfg.k + 1)
     tokens, lens = common.pad_prompts(prompt_ids, common.bucket(max(len(p) for p in prompt_ids)))
-    row_ids = jnp.arange(len(prompt_ids), dtype=jnp.int32)
+    row_ids = jnp.arange(prompt_offset, prompt_offset + len(prompt_ids), dtype=jnp.int32)
     s = sft if cfg.three_models else draft  # placeholder argument when there is no SFT model (unused)
     t0 = time.perf_counter()
     (out, st, it), compile_s, run_s = common.COMPILED.call(
