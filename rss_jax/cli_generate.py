@@ -668,6 +668,21 @@ def show_text(recs) -> None:
 # the command
 # ------------------------------------------------------------------------------------------------------------------
 
+def check_mesh_batches(mesh, n_rows: int, batch_size: int) -> None:
+    """On a mesh every batch is split over the batch axes: --batch-size and the last batch must divide evenly."""
+    if mesh is None:
+        return
+    from rss_jax import sharding
+    sizes = sorted({min(batch_size, n_rows), n_rows % batch_size or batch_size})
+    for rows in sizes:
+        try:
+            sharding.check_batch(mesh, rows)
+        except ValueError as e:
+            raise CLIError(f"--mesh {dict(mesh.shape)} cannot split a batch of {rows} rows ({e})",
+                           "choose a --batch-size (and an input length) that the data and fsdp axes divide") \
+                from None
+
+
 def cmd_generate(args) -> int:
     import rss_jax as rj
     from rss_jax.report import table
@@ -677,6 +692,7 @@ def cmd_generate(args) -> int:
     output = Output(args.output, args.resume, args.overwrite)
     rows = read_rows(args)
     mesh = build_mesh(args.mesh)
+    check_mesh_batches(mesh, len(rows), args.batch_size)
     if note:
         print(f"rss-jax: {note}", file=sys.stderr)
     lm = rj.load(args.model, dtype=args.dtype, mesh=mesh)

@@ -105,6 +105,10 @@ def one_error_line(err: str) -> str:
     return lines[-1]
 
 
+def one_line_err(capsys) -> str:
+    return one_error_line(capsys.readouterr().err)
+
+
 @pytest.fixture(scope="module")
 def cli_models(tiny_checkpoints, tmp_path_factory):
     """Paths: a tiny target, two drafts over its vocabulary, a copy of the target with a word-level tokenizer and a
@@ -335,6 +339,10 @@ def test_one_line_errors(cli_models, tmp_path, monkeypatch, capsys):
         line = one_error_line(capsys.readouterr().err)
         assert expected in line and "; " in line, (argv, line)
         assert not out.exists() and not (tmp_path / ".out.jsonl.partial").exists(), argv
+    # no prompt options and stdin a terminal: nothing to read
+    monkeypatch.setattr(sys, "stdin", type("TTY", (), {"isatty": lambda self: True})())
+    assert main(g) == 2
+    assert "no prompts; give --prompt TEXT, --input FILE.jsonl, or pipe JSONL" in one_line_err(capsys)
     # out of memory while compiling (simulated: XLA's message), then --debug shows the traceback instead
     def oom(*a, **k):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
