@@ -71,6 +71,14 @@ def _common(p: argparse.ArgumentParser):
     g.add_argument("--no-export", dest="export", action="store_false",
                    help="do not write <output>/final at the end of the run")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--mesh", default=None, metavar="AXES",
+                   help="shard over a device mesh, e.g. 'data=4,tensor=2' or 'fsdp=8' (axes data, fsdp, tensor; data "
+                   "takes the devices the others leave): weights and Adam state by their logical axes, each batch's "
+                   "rows over data x fsdp (--batch-size must divide)")
+    g.add_argument("--distributed", action="store_true",
+                   help="multi-process run: call jax.distributed.initialize first (auto-detected on TPU pods and "
+                   "SLURM; elsewhere set RSS_JAX_COORDINATOR=host:port, RSS_JAX_NUM_PROCESSES, RSS_JAX_PROCESS_ID); "
+                   "start the same command on every process")
     o = p.add_argument_group("optimisation")
     o.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 10%% of --steps)")
     o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor as a fraction of the peak")
@@ -127,6 +135,9 @@ def config_from_args(args):
               warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
               max_grad_norm=args.max_grad_norm, compute_dtype=args.compute_dtype, max_length=args.max_length,
               chat=args.chat, shuffle=args.shuffle, init_layers=args.init_layers)
+    if getattr(args, "mesh", None):
+        from rss_jax.sharding import parse_mesh
+        kw["mesh"] = parse_mesh(args.mesh)
     if mode == "distill":
         kw.update(teacher=args.teacher, distill_loss=args.distill_loss, ce_weight=args.ce_weight,
                   head_vocab=args.head_vocab)
@@ -152,13 +163,18 @@ def run_train(args) -> int:
             print(f"rss-jax train: error: {e}", file=sys.stderr)
             return 2
         return 0
+    from rss_jax.sharding import ShardingError, initialize, is_main_process
     try:
+        if getattr(args, "distributed", False):
+            initialize()
         result = train(config_from_args(args))
     except (DataError, CheckpointMismatch, CheckpointError, ConfigError, FileNotFoundError, FileExistsError,
-            ValueError) as e:
+            ShardingError, ValueError) as e:
         print(f"rss-jax train: error: {e}", file=sys.stderr)
         return 2
     last = result.metrics[-1] if result.metrics else {}
+    if not is_main_process():
+        return 0
     print(json.dumps({"step": result.step, "loss": last.get("loss"), "checkpoint": result.checkpoint,
                       "final": result.final, "metrics": f"{result.output}/metrics.jsonl"}))
     return 0
