@@ -379,9 +379,10 @@ def _with_examples(p: argparse.ArgumentParser, key: str) -> argparse.ArgumentPar
 def build_parser() -> argparse.ArgumentParser:
     from rss_jax.cli_generate import add_generate_parser
     p = Parser(prog="rss-jax", description="Reward-shifted speculative sampling in JAX: generate with SSS and the "
-               "methods it is measured against, inspect and convert checkpoints, train drafts, run benchmarks.",
-               epilog="example:\n  rss-jax generate --prompt \"Hello\" --method sss\n\n`rss-jax COMMAND --help` "
-               "shows each command's options. --debug (anywhere) shows tracebacks instead of one-line errors.",
+               "methods it is measured\nagainst, inspect and convert checkpoints, train drafts, run benchmarks.",
+               epilog="`rss-jax COMMAND --help` shows each command's options and an example. --debug (anywhere) "
+               "shows\ntracebacks instead of one-line errors.\n\nexample:\n  rss-jax generate --prompt \"Hello\" "
+               "--method sss",
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = "{generate,info,demo,convert,train,bench}"

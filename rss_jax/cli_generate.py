@@ -86,9 +86,11 @@ def _dest(flag: str) -> str:
 def add_generate_parser(sub, decorate):
     g = decorate(sub.add_parser(
         "generate", help="generate with any method, from --prompt, a JSONL file or stdin",
-        description="Generate continuations with plain decoding (ar), speculative decoding (sd), reward-shifted "
-        "speculative sampling (sss), EFT, or a search baseline (bon, soft-bon, spr, gsi, rsd, args, cards, rs, "
-        "treebon)."))
+        usage="rss-jax generate [--model M] [--method METHOD] [options] "
+              "(--prompt TEXT ... | --input FILE.jsonl | < FILE.jsonl) [--output FILE.jsonl]",
+        description="Generate continuations with plain decoding (ar), speculative decoding (sd), reward-shifted\n"
+        "speculative sampling (sss), EFT, or a search baseline (bon, soft-bon, spr, gsi, rsd, args, cards, rs,\n"
+        "treebon). A method's knobs are flags; a knob given to a method that does not use it is an error."))
     m = g.add_argument_group("models")
     m.add_argument("--model", default=BUILTIN_MODEL, help="HF folder, .gguf file, rss_jax Orbax folder or built-in "
                    f"name (default {BUILTIN_MODEL})")

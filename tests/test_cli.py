@@ -357,7 +357,7 @@ def test_one_line_errors(cli_models, tmp_path, monkeypatch, capsys):
 
 
 def test_help_examples_and_bench(monkeypatch, capsys):
-    for cmd in (["generate"], ["info"], ["demo"], ["convert"], ["bench"], ["train"], ["train", "dpo"],
+    for cmd in ([], ["generate"], ["info"], ["demo"], ["convert"], ["bench"], ["train"], ["train", "dpo"],
                 ["train", "head-distill"]):
         assert main([*cmd, "--help"]) == 0
         assert capsys.readouterr().out.rstrip().split("\n\n")[-1].startswith("example"), cmd
