@@ -102,6 +102,11 @@ def add_generate_parser(sub, decorate):
                    "module:NAME, a function f(prompt_ids, response_ids) -> floats")
     m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     m.add_argument("--mesh", type=mesh_spec, help="place the weights on a device mesh, e.g. data=2,tensor=4")
+    m.add_argument("--distributed", action="store_true",
+                   help="multi-process run (TPU pod, SLURM, several GPUs hosts): start the same command on every "
+                   "process; jax.distributed is initialised first (auto-detected on TPU pods and SLURM, else "
+                   "RSS_JAX_COORDINATOR=host:port, RSS_JAX_NUM_PROCESSES, RSS_JAX_PROCESS_ID); every process reads "
+                   "the input, process 0 writes the output")
     d = g.add_argument_group("method")
     d.add_argument("--method", default="ar", choices=METHODS)
     d.add_argument("--mode", choices=("exact", "paper", "authors_code"),
@@ -521,8 +526,10 @@ class Output:
                 return read_previous(src), src
         return [], None
 
+    writer = True  # False on the processes other than 0 of a multi-process run
+
     def start(self, kept: list, kept_from: str | None) -> None:
-        if self.partial is None:
+        if self.partial is None or not self.writer:
             return
         folder = os.path.dirname(self.partial)
         os.makedirs(folder, exist_ok=True)
@@ -541,6 +548,8 @@ class Output:
         self.kept, self.added, self.kept_from = len(kept), 0, kept_from
 
     def add(self, lines: list) -> None:
+        if not self.writer:
+            return
         if self.stdout:
             sys.stdout.writelines(lines)
             sys.stdout.flush()
@@ -558,6 +567,8 @@ class Output:
     def abort(self) -> str:
         """After a failure: keep the partial file if it holds rows the output file does not, else remove it.
         Returns a note for the error message."""
+        if not self.writer:
+            return ""
         if self.file is None:
             return ""
         self.file.close()
@@ -689,13 +700,18 @@ def cmd_generate(args) -> int:
     import rss_jax as rj
     from rss_jax.report import table
 
+    from rss_jax import sharding
+    if getattr(args, "distributed", False):
+        sharding.initialize()
+    main = sharding.is_main_process()  # every process decodes the same rows; only process 0 writes and prints
     knobs, sampling = method_settings(args)
     draft_spec, sft_spec, note = draft_specs(args)
     output = Output(args.output, args.resume, args.overwrite)
+    output.writer = main  # every process reads a previous run (to agree on where to resume); process 0 writes
     rows = read_rows(args)
     mesh = build_mesh(args.mesh)
     check_mesh_batches(mesh, len(rows), args.batch_size)
-    if note:
+    if note and main:
         print(f"rss-jax: {note}", file=sys.stderr)
     lm = rj.load(args.model, dtype=args.dtype, mesh=mesh)
     if _is_head(lm):
@@ -727,7 +743,7 @@ def cmd_generate(args) -> int:
     start0 = len(kept)
     from tqdm.auto import tqdm
     bar = tqdm(total=len(rows), initial=start0, unit="row", desc=args.method, file=sys.stderr, dynamic_ncols=True,
-               disable=None if args.progress else True)
+               disable=None if (args.progress and main) else True)
     recs, outs = [], []
     output.start(kept, src)
     try:
@@ -739,7 +755,7 @@ def cmd_generate(args) -> int:
             out = run([r.ids for r in batch], seed, offset if per_row else 0)
             new = row_records(batch, out, args.method, seed, offset, settings, args.timing)
             output.add([json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in new])
-            if args.output is None:
+            if args.output is None and main:
                 bar.clear()
                 show_text(new)
             recs += new
@@ -752,10 +768,10 @@ def cmd_generate(args) -> int:
         e.rss_jax_note = output.abort()
         e.rss_jax_running = True
         raise
-    if recs:
+    if recs and main:
         row, cols = summary(args.method, recs, outs)
         print(table([row], cols), file=sys.stderr if output.stdout else sys.stdout)
-    if output.partial is not None:
+    if output.partial is not None and main:
         print(f"wrote {args.output} ({len(rows)} rows{f', {len(recs)} new' if start0 else ''})",
               file=sys.stderr if output.stdout else sys.stdout)
     return 0

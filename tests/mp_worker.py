@@ -46,6 +46,10 @@ def main():
 
     with open(args.spec) as f:
         spec = json.load(f)
+    if spec.get("crash_pid") == args.pid:  # the test of a worker that dies: the others would wait for it forever
+        os._exit(3)
+    if "crash_pid" in spec:
+        sharding.barrier("never reached by the crashed worker")
     assert jax.process_count() == args.nproc and len(jax.devices()) == args.nproc * args.devices
     results = {"processes": args.nproc, "devices": len(jax.devices()),
                "local_devices": len(jax.local_devices()), "decode": {}, "dpo": {}}
@@ -88,6 +92,18 @@ def main():
             print(f"{name} {method}: {time.perf_counter() - t0:.1f} s", flush=True)
         results["decode"][name] = res
 
+    if "cli" in spec:  # `rss-jax generate` on every process: the same rows decoded, process 0 writes the file
+        from rss_jax.cli import main as cli_main
+        c = spec["cli"]
+        code = cli_main(["generate", "--model", spec["target"], "--method", "sss", "--draft", spec["draft"],
+                         "--sft", spec["sft"], "--temperature", "1.0", "--seed", "7", "--max-new-tokens",
+                         str(spec["new_tokens"]), "--input", c["input"], "--output", c["output"], "--batch-size",
+                         "8", "--mesh", c["mesh"], "--no-progress"])
+        assert code == 0, code
+        sharding.barrier("cli written")
+        results["cli"] = [json.loads(line)["token_ids"] for line in open(c["output"])]
+        results["cli_written_by"] = [os.path.exists(c["output"])]
+
     def dpo(mesh, output, steps, stop_after=None, resume=False, save_every=0):
         t0 = time.perf_counter()
         res = training.train(TrainConfig(mode="dpo", policy=spec["target"], data=spec["pairs"], output=output,
@@ -124,4 +140,11 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException:  # exit at once: a normal exit would wait in jax.distributed's shutdown for the others
+        import traceback
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

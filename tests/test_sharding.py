@@ -1,6 +1,6 @@
 """The same code on a simulated 8-device mesh (data x fsdp x tensor): sharded weights give the same logits, the same
-tokens (AR, SD, SSS and EFT with separate drafts and with feature-draft heads, Speculative Rejection) and the same
-SFT / distillation / DPO steps as one device. Runs in a subprocess because the device count is fixed at JAX start-up."""
+tokens (AR, SD, SSS and EFT with separate drafts and with feature-draft heads, Speculative Rejection, GSI, RSD,
+ARGS, CARDS, RS, TreeBoN) and the same SFT / distillation / DPO steps as one device. Runs in a subprocess because the device count is fixed at JAX start-up."""
 from __future__ import annotations
 
 import os
@@ -53,6 +53,20 @@ SCRIPT = textwrap.dedent("""
     b = rj.speculative_rejection(sharded, tokens.tolist(), reward, alpha=0.5, n_init=4, stops=[2, 4],
                                  max_new_tokens=6, seed=4, eos=[])
     np.testing.assert_array_equal(a.tokens, b.tokens)
+    # the step-level and segment-level searches and TreeBoN (feature-draft heads as its DPO / SFT pair)
+    plain_small = rj.load(d_path)
+    runs = {"gsi": lambda lm, small, h: rj.gsi(small, lm, tokens.tolist(), reward, n=4, **kw2),
+            "rsd": lambda lm, small, h: rj.rsd(small, lm, tokens.tolist(), reward, **kw2),
+            "args": lambda lm, small, h: rj.args(lm, tokens.tolist(), reward, k=4, **kw2),
+            "cards": lambda lm, small, h: rj.cards(lm, tokens.tolist(), reward, tau_r=5.0, **kw2),
+            "rs": lambda lm, small, h: rj.rejection_sampling(lm, tokens.tolist(), reward, tau_r=5.0, **kw2),
+            "treebon": lambda lm, small, h: rj.treebon(lm, tokens.tolist(), reward, n=4, n_children=2, n_layers=2,
+                                                       dpo=h[0], sft=h[1], **kw2)}
+    kw2 = dict(max_new_tokens=6, seed=1, eos=[])
+    for name, run in runs.items():
+        a = run(plain, plain_small, (h_al, h_sft))
+        b = run(sharded, d_mesh, (h_al.replicate(mesh), h_sft.replicate(mesh)))
+        np.testing.assert_array_equal(a.tokens, b.tokens, err_msg=name)
     # a batch the mesh's data x fsdp (4) does not divide is refused by name
     try:
         rj.generate(sharded, tokens[:3].tolist(), max_new_tokens=2, temperature=0.0)
