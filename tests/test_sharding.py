@@ -31,6 +31,18 @@ SCRIPT = textwrap.dedent("""
                     eos=[])
     np.testing.assert_array_equal(s.tokens, a.tokens)
 
+    # the KV cache a compiled loop creates lives with rows over data x fsdp and KV heads over tensor
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+    from rss_jax.decoding.autoregressive import prefill
+    toks, lens = rj.decoding.common.pad_prompts(tokens.tolist(), 16)
+    with jax.set_mesh(mesh):
+        cache = jax.jit(lambda st, t, n: prefill(nnx.merge(sharded.graphdef, st), t, n, 24)[1])(sharded.state, toks,
+                                                                                                 lens)
+    want = jax.sharding.NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor", None))
+    assert cache.k.sharding.is_equivalent_to(want, 5), cache.k.sharding
+    assert {s.data.shape for s in cache.k.addressable_shards} == {(2, 1, 24, 1, 8)}, cache.k.addressable_shards[0]
+
     # SSS (separate drafts), EFT and SSS with feature-draft heads, sampled: the same tokens on the mesh
     d_path, s_path, pairs, sft_data, work = sys.argv[2:7]
     d_plain, s_plain = rj.load(d_path), rj.load(s_path)
