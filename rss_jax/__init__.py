@@ -1,5 +1,6 @@
 """rss_jax: reward-shifted speculative sampling and the test-time alignment methods it is measured against."""
 from rss_jax import heads, rewards, sampling, sharding  # noqa: F401
+from rss_jax import engine  # noqa: F401,E402
 from rss_jax.lm import LM, load, from_params  # noqa: F401
 
 __version__ = "0.1.0"

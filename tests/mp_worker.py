@@ -104,12 +104,12 @@ def main():
         results["cli"] = [json.loads(line)["token_ids"] for line in open(c["output"])]
         results["cli_written_by"] = [os.path.exists(c["output"])]
 
-    def dpo(mesh, output, steps, stop_after=None, resume=False, save_every=0):
+    def dpo(mesh, output, steps, stop_after=None, resume=False, save_every=0, export=False):
         t0 = time.perf_counter()
         res = training.train(TrainConfig(mode="dpo", policy=spec["target"], data=spec["pairs"], output=output,
                                          steps=steps, batch_size=spec["batch_size"], learning_rate=5e-3,
                                          seed=1, mesh=mesh, stop_after=stop_after, resume=resume,
-                                         save_every=save_every, progress=False, export=False))
+                                         save_every=save_every, progress=False, export=export))
         print(f"dpo {output}: {time.perf_counter() - t0:.1f} s", flush=True)
         return {"losses": [m["loss"] for m in res.metrics], "steps": [m["step"] for m in res.metrics],
                 "params": gathered_params(res.lm)}
@@ -124,7 +124,7 @@ def main():
     if "resume" in spec:
         s = spec["resume"]
         mesh = sharding.make_mesh(**spec["meshes"][s["mesh"]])
-        results["resume"] = dpo(mesh, s["output"], s["steps"], resume=True)
+        results["resume"] = dpo(mesh, s["output"], s["steps"], resume=True, export=s.get("export", False))
     if "full" in spec:
         s = spec["full"]
         mesh = sharding.make_mesh(**spec["meshes"][s["mesh"]])

@@ -110,7 +110,7 @@ def jobs(mp_spec, tmp_path_factory):
                            save={"mesh": "fsdp_tensor", "output": os.path.join(work, "ckpt4"), "steps": 6,
                                  "stop_after": 3}), tmp, "4x2")
     again = run_job(2, dict(mp_spec, resume={"mesh": "fsdp_tensor", "output": os.path.join(work, "ckpt4"),
-                                             "steps": 6}), tmp, "2x4-resume")
+                                             "steps": 6, "export": True}), tmp, "2x4-resume")
     return {"1x8": ref, "2x4": two, "4x2": four, "resume": again}
 
 
@@ -180,3 +180,13 @@ def test_a_worker_that_dies_fails_the_job_fast(tmp_path):
     with pytest.raises(AssertionError, match="worker 1 exited with 3"):
         run_job(2, {"crash_pid": 1}, tmp_path, "crash")
     assert time.time() - t0 < 90
+
+
+def test_model_exported_by_two_processes_loads_anywhere(jobs, mp_spec):
+    """The resumed 2-process run exports <output>/final (LM.save from every process, one folder): it loads on one
+    device and holds the uninterrupted run's weights."""
+    import rss_jax as rj
+    final = rj.load(os.path.join(mp_spec["work"], "ckpt4", "final"))
+    full = jobs["1x8"]["full"]["params"]
+    for k, v in full.items():
+        np.testing.assert_allclose(np.asarray(final.params()[k]), np.asarray(v), rtol=1e-4, atol=1e-5)

@@ -344,7 +344,7 @@ def _check_heads(lm, prompt_ids, draft, sft, three: bool) -> None:
     for m, role in models:
         if m is not None and _is_head(m):
             m.config.check_target(lm.config, what=f"the target {lm.source!r} (given as {role}'s target)")
-    if min(len(p) for p in prompt_ids) < 2:
+    if prompt_ids is not None and min(len(p) for p in prompt_ids) < 2:
         raise ValueError("feature-draft heads need prompts of at least 2 tokens (the first draft reads the target's "
                          "features of the token before the last prompt token); prepend a BOS token or use a chat "
                          "template")
@@ -374,14 +374,14 @@ def pooled_stats(outputs) -> dict:
             float("nan")}
 
 
-def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p,
-                         seed, prompt_offset=0):
+def spec_config(lm, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p) -> SpecConfig:
+    """The validated static config of `spec_loop` for target `lm`, its `draft` (and `sft` for sss/eft)."""
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k (draft tokens per block) must be an integer >= 1, got {k!r}")
     if draft_top_k is not None or draft_top_p is not None:
         sampling.validate_sampling_args(1.0, draft_top_k, draft_top_p, None)
     three = method in ("sss", "eft")
-    _check_heads(lm, prompt_ids, draft, sft if three else None, three)
+    _check_heads(lm, None, draft, sft if three else None, three)
     vocab = _check_pair(lm, draft, "draft")
     if three:
         _check_pair(lm, sft, "sft")
@@ -392,6 +392,13 @@ def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, 
                      max_new_tokens=base_cfg.max_new_tokens, temperature=base_cfg.temperature, top_k=base_cfg.top_k,
                      top_p=base_cfg.top_p, min_p=base_cfg.min_p, draft_top_k=draft_top_k, draft_top_p=draft_top_p,
                      eos=base_cfg.eos, vocab=vocab)
+    return cfg
+
+
+def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p,
+                         seed, prompt_offset=0):
+    cfg = spec_config(lm, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p)
+    _check_heads(lm, prompt_ids, draft, sft if cfg.three_models else None, cfg.three_models)
     for m in (lm, draft, sft if cfg.three_models else None):
         if m is not None:
             common.check_context(m, prompt_ids, cfg.max_new_tokens, extra=cfg.k + 1)
