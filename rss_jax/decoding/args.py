@@ -71,7 +71,7 @@ def args_cached_loop(graphdef, rm_graphdef, cfg: ArgsConfig, state, rm_state, pr
     last, cache = prefill(model, prompt_tokens, prompt_lens, p + n + 1)
     dtype = jax.tree.leaves(rm_state)[0].dtype
     rm_cache = init_cache(rm.backbone.config, b, p + n + 1, dtype)
-    # the prompt minus its last token goes in; the last prompt token is re-fed with every candidate step's prefix
+    # the whole prompt goes into the reward model's cache; each step scores its k candidates as one cached step
     _, rm_cache = rm.backbone(prompt_tokens, cache=rm_cache, lengths=jnp.zeros((b,), jnp.int32), return_hidden=True)
     lengths = prompt_lens
     rm_lengths = prompt_lens  # slots 0..P-1 hold the prompt; candidates are written at slot P + t
