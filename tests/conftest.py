@@ -103,3 +103,19 @@ def smollm_torch(smollm_path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm_path), gguf_file=os.path.basename(smollm_path),
                                                 dtype=torch.float32).eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop the compiled loops it made (rss_jax's cache and JAX's own): the suite compiles
+    hundreds of programs in one process, and keeping them all grows its memory until XLA's compiler can fail late in
+    the run."""
+    yield
+    import gc
+
+    import jax
+
+    from rss_jax.decoding.common import COMPILED
+    COMPILED.entries.clear()
+    jax.clear_caches()
+    gc.collect()
