@@ -1,5 +1,4 @@
-# `make demo` and `make test` each set up their own virtual environment (.venv) and then run; the demo installs only
-# what it needs, the tests add the PyTorch oracles.
+# `make demo` and `make test` each set up their own virtual environment (.venv) and then run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -23,7 +22,9 @@ $(STAMP): $(BASE)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-demo: $(BASE)
+# the demo needs torch too: transformers reads the built-in model's tokenizer from its GGUF file through
+# modeling_gguf_pytorch_utils, which imports torch (without it: "Could not import module 'read_gguf_metadata'")
+demo: $(STAMP)
 	$(PY) -m rss_jax.cli demo
 
 # re-make the shipped feature-draft heads of the built-in model (rss_jax/assets/heads; docs/feature_heads.md), in
