@@ -86,26 +86,13 @@ def int_list(text):
     return out
 
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-
 def mesh_spec(text):
     """'data=2,tensor=4' -> {'data': 2, 'tensor': 4} (checked against the devices when the mesh is built)."""
-    sizes = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
-        try:
-            size = int(value)
-        except ValueError:
-            size = None
-        if name.strip() not in MESH_AXES or size is None or (size < 1 and not (name.strip() == "data" and size == -1)):
-            raise argparse.ArgumentTypeError(f"bad mesh item {part!r}: write e.g. data=2,tensor=4 (axes "
-                                             f"{', '.join(MESH_AXES)}; positive sizes, data=-1 takes the devices "
-                                             "left)")
-        sizes[name.strip()] = size
-    if not sizes:
-        raise argparse.ArgumentTypeError(f"empty mesh {text!r}: write e.g. data=2,tensor=4")
-    return sizes
+    from rss_jax.sharding import ShardingError, parse_mesh_sizes
+    try:
+        return parse_mesh_sizes(text)
+    except ShardingError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_mesh(sizes):

@@ -13,8 +13,8 @@
   surviving rows) do not need and which would tie every method to one layout.
 * Multi-process (TPU pods, multi-node GPU, several CPU processes): call `initialize()` on every process first, then
   build the same mesh everywhere. Weights are placed with `jax.make_array_from_callback` (each process fills only its
-  own shards), per-process batch rows become a global array with `global_batch`, and `to_host` reads any global
-  array back on every process. `is_main_process()` says who writes outputs, metrics and logs.
+  own shards), host batches become global arrays the same way (`place`), and `to_host` reads any global array
+  back on every process. `is_main_process()` says who writes outputs, metrics and logs.
 """
 from __future__ import annotations
 
@@ -80,15 +80,28 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=auto, devices=devices)
 
 
-def parse_mesh(text: str, devices=None) -> Mesh:
-    """'data=2,tensor=4' (any of data, fsdp, tensor; data defaults to -1, the rest) -> make_mesh(...)."""
+def parse_mesh_sizes(text: str) -> dict:
+    """'data=2,tensor=4' -> {'data': 2, 'tensor': 4}: axes data, fsdp, tensor; positive sizes, data=-1 takes the
+    devices the others leave. ShardingError on anything else (checked against the devices by `make_mesh`)."""
     sizes = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
-        if name not in MESH_AXES or not value.strip().lstrip("-").isdigit():
-            raise ShardingError(f"bad mesh item {part!r}; write e.g. 'data=2,fsdp=1,tensor=4' (axes: {MESH_AXES})")
-        sizes[name] = int(value)
-    return make_mesh(**sizes, devices=devices)
+        name, _, value = (x.strip() for x in part.partition("="))
+        try:
+            size = int(value)
+        except ValueError:
+            size = None
+        if name not in MESH_AXES or size is None or (size < 1 and not (name == "data" and size == -1)):
+            raise ShardingError(f"bad mesh item {part!r}; write e.g. data=2,tensor=4 (axes {', '.join(MESH_AXES)}; "
+                                "positive sizes, data=-1 takes the devices left)")
+        sizes[name] = size
+    if not sizes:
+        raise ShardingError(f"empty mesh {text!r}; write e.g. data=2,tensor=4")
+    return sizes
+
+
+def parse_mesh(text: str, devices=None) -> Mesh:
+    """'data=2,tensor=4' -> make_mesh(data=2, tensor=4) (data defaults to -1, fsdp and tensor to 1)."""
+    return make_mesh(**parse_mesh_sizes(text), devices=devices)
 
 
 def _axis_size(mesh, axes) -> int:
@@ -271,25 +284,6 @@ def to_host(tree):
             return np.asarray(x.addressable_data(0))
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return jax.tree.map(one, tree)
-
-
-def global_batch(local_rows: np.ndarray, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> jax.Array:
-    """Each process's own rows (the same count on every process, in process order) -> one global array with rows
-    over the batch axes (`jax.make_array_from_process_local_data`). On one process it is the array itself, sharded."""
-    local_rows = np.asarray(local_rows)
-    total = local_rows.shape[0] * jax.process_count()
-    sharding = NamedSharding(mesh, batch_spec(mesh, total, local_rows.ndim, rules))
-    return jax.make_array_from_process_local_data(sharding, local_rows, (total,) + local_rows.shape[1:])
-
-
-def process_rows(n_rows: int) -> slice:
-    """The contiguous block of a global batch of `n_rows` that this process supplies (process order)."""
-    count = jax.process_count()
-    if n_rows % count:
-        raise ShardingError(f"a global batch of {n_rows} rows cannot be split over {count} processes; use a batch "
-                            f"size divisible by {count}")
-    per = n_rows // count
-    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 
 
 def is_main_process() -> bool:
