@@ -389,17 +389,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     output = os.path.abspath(cfg.output)
     mesh, rules = cfg.mesh, cfg.rules or sharding.DEFAULT_RULES
     main = sharding.is_main_process()  # only process 0 writes metrics, run.json and the progress bar
-    policy = _as_float32(_load(cfg.policy, "policy", mesh, rules), mesh, rules)
+    # a policy that is cut (init_layers) or trimmed (head_vocab) is built on one device and placed once, after
+    reshaped = cfg.init_layers is not None or bool(cfg.head_vocab)
+    policy = _as_float32(_load(cfg.policy, "policy", None if reshaped else mesh, rules), None if reshaped else mesh,
+                         rules)
     if cfg.init_layers is not None:
-        policy = _as_float32(make_draft(_as_float32(policy), cfg.init_layers), mesh, rules)
+        policy = make_draft(policy, cfg.init_layers)
     tok = policy.tokenizer
     pad_id = policy.config.pad_token_id if policy.config.pad_token_id is not None else 0
     data = build_dataset(cfg.data, "dpo" if cfg.mode == "dpo" else "sft", tok, policy.config.vocab_size,
                          cfg.max_length, cfg.chat, pad_id=pad_id)
     if cfg.head_vocab:
         responses = [row[m.astype(bool)] for row, m in zip(data.tokens[:, 0], data.loss_mask[:, 0])]
-        policy = _as_float32(trim_vocab(_as_float32(policy), draft_vocabulary(responses, cfg.head_vocab)), mesh,
-                             rules)
+        policy = trim_vocab(policy, draft_vocabulary(responses, cfg.head_vocab))
+    policy = _as_float32(policy, mesh, rules)
     if cfg.mode != "distill" or cfg.ce_weight:
         check_head_vocabulary(policy, data)
     per_step = cfg.batch_size * cfg.grad_accum
