@@ -2,6 +2,7 @@
 from rss_jax import heads, rewards, sampling, sharding  # noqa: F401
 from rss_jax import engine  # noqa: F401,E402
 from rss_jax.lm import LM, load, from_params  # noqa: F401
+from rss_jax.loading import enable_compile_cache  # noqa: F401
 
 __version__ = "0.1.0"
 from rss_jax.decoding import generate  # noqa: F401,E402

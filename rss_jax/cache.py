@@ -48,3 +48,20 @@ def write_block(cache_l: jax.Array, new: jax.Array, lengths: jax.Array) -> jax.A
     def one(c, x, start):
         return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (start, 0, 0))
     return jax.vmap(one)(cache_l, new, lengths)
+
+
+class LayerSlot:
+    """Layer `index` of a stacked cache [L, B, S, KVH, D], as the unrolled layer loop hands it to attention: the new
+    keys are written into the stacked buffer in place, and only this layer's slice is read back (a scan hands each
+    layer its own slice instead)."""
+
+    def __init__(self, stacked: jax.Array, index: int):
+        self.stacked, self.index = stacked, index
+
+    def write(self, new: jax.Array, lengths: jax.Array) -> jax.Array:
+        """new [B, T, KVH, D] at slots lengths[b].. of this layer -> the updated stacked cache."""
+        i = self.index
+
+        def one(c, x, start):  # c [L, S, KVH, D] (one row), x [T, KVH, D]
+            return jax.lax.dynamic_update_slice(c, x[None].astype(c.dtype), (i, start, 0, 0))
+        return jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(self.stacked, new, lengths)

@@ -482,6 +482,8 @@ def main(argv=None) -> int:
             return 2
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    from rss_jax.loading import enable_compile_cache
+    enable_compile_cache()
     args = None
     try:
         try:

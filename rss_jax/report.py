@@ -60,9 +60,28 @@ def processor() -> str:
     return platform.processor() or platform.machine()
 
 
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                "amx_int8", "asimd", "sve", "sve2")
+
+
+def vector_extensions() -> list[str]:
+    """The vector extensions of the CPU that matter for matrix products (from /proc/cpuinfo's flags on Linux),
+    in a fixed order; empty where the flags cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [v for v in VECTOR_FLAGS if v in have]
+    except OSError:
+        pass
+    return []
+
+
 def machine() -> str:
     import platform
 
     import jax
-    return (f"{processor()} ({platform.machine()}), {os.cpu_count()} cores, {jax.devices()[0].platform}, "
-            f"jax {jax.__version__}")
+    ext = vector_extensions()
+    return (f"{processor()} ({platform.machine()}{', ' + ' '.join(ext) if ext else ''}), {os.cpu_count()} cores, "
+            f"{jax.devices()[0].platform}, jax {jax.__version__}")

@@ -21,6 +21,7 @@ def main():
 
     import rss_jax as rj
     from rss_jax.cache import init_cache
+    from rss_jax.models.base import decode_model
 
     lm = rj.load("smollm2-135m-instruct")
     steps = 40
@@ -28,7 +29,7 @@ def main():
     def make(with_head: bool):
         @jax.jit
         def run(state):
-            model = nnx.merge(lm.graphdef, state)
+            model = decode_model(lm.graphdef, state)
             cache = init_cache(lm.config, 1, 160)
             lengths = jnp.array([20], jnp.int32)
 

@@ -27,6 +27,7 @@ from rss_jax.decoding import common
 from rss_jax.decoding.autoregressive import prefill, row_keys
 from rss_jax.decoding.best_of_n import SearchOutput
 from rss_jax.rewards import ModelReward, as_reward
+from rss_jax.models.base import decode_model
 
 @dataclasses.dataclass(frozen=True)
 class ArgsConfig:
@@ -65,7 +66,7 @@ def args_cached_loop(graphdef, rm_graphdef, cfg: ArgsConfig, state, rm_state, pr
     """The whole ARGS response with a cached reward model, as one while_loop.
 
     Returns (tokens [B, N] -1 padded, candidate ids [B, N, k], candidate rewards [B, N, k], steps run)."""
-    model, rm = nnx.merge(graphdef, state), nnx.merge(rm_graphdef, rm_state)
+    model, rm = decode_model(graphdef, state), decode_model(rm_graphdef, rm_state)
     b, p = prompt_tokens.shape
     n, k = cfg.max_new_tokens, cfg.k
     last, cache = prefill(model, prompt_tokens, prompt_lens, p + n + 1)

@@ -16,6 +16,7 @@ from flax import nnx
 from rss_jax import sampling
 from rss_jax.cache import init_cache
 from rss_jax.decoding import common
+from rss_jax.models.base import decode_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,7 @@ def decode_steps(model, cfg: SamplerConfig, decode_state, start, stop, row_ids, 
 
 def ar_loop(graphdef, cfg: SamplerConfig, state, prompt_tokens, prompt_lens, row_ids, base_key):
     """-> (tokens [B, max_new_tokens] int32 padded with -1, steps run)."""
-    model = nnx.merge(graphdef, state)
+    model = decode_model(graphdef, state)
     decode_state = start_decode(model, cfg, prompt_tokens, prompt_lens, row_ids, base_key)
     decode_state, i = decode_steps(model, cfg, decode_state, 1, cfg.max_new_tokens, row_ids, base_key)
     return decode_state[3], i

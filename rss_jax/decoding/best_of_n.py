@@ -21,6 +21,7 @@ from flax import nnx
 from rss_jax.decoding import common
 from rss_jax.decoding.autoregressive import SamplerConfig, decode_steps, sampler_config, start_decode
 from rss_jax.rewards import as_reward
+from rss_jax.models.base import decode_model
 
 SELECT_TAG = 0x5E1EC7  # folded into the seed for soft-BoN's Gumbel noise, apart from the sampling keys
 
@@ -45,7 +46,7 @@ def global_row_ids(n_prompts: int, rows: np.ndarray) -> np.ndarray:
 def population_start(graphdef, cfg: SamplerConfig, fanout: int, state, prompt_tokens, prompt_lens, row_ids,
                      base_key, stop):
     """Round 0: prefill, fan out to `fanout` rows per prompt, decode positions 0 .. stop-1."""
-    model = nnx.merge(graphdef, state)
+    model = decode_model(graphdef, state)
     decode_state = start_decode(model, cfg, prompt_tokens, prompt_lens, row_ids, base_key, fanout)
     return decode_steps(model, cfg, decode_state, 1, stop, row_ids, base_key)
 
@@ -53,7 +54,7 @@ def population_start(graphdef, cfg: SamplerConfig, fanout: int, state, prompt_to
 def population_resume(graphdef, cfg: SamplerConfig, state, decode_state, keep, row_ids, base_key, start, stop):
     """Round r > 0: gather rows `keep` [B'] of every decode-state field (the KV cache included: no re-prefill), then
     decode positions start .. stop-1. row_ids [B'] are the kept rows' global ids."""
-    model = nnx.merge(graphdef, state)
+    model = decode_model(graphdef, state)
     tok, cache, lengths, out, done = decode_state
     decode_state = (tok[keep], cache.gather_rows(keep), lengths[keep], out[keep], done[keep])
     return decode_steps(model, cfg, decode_state, start, stop, row_ids, base_key)

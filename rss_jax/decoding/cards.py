@@ -37,6 +37,7 @@ from rss_jax.decoding import common
 from rss_jax.decoding.autoregressive import SamplerConfig, prefill, sampler_config
 from rss_jax.decoding.best_of_n import SearchOutput, run_population
 from rss_jax.rewards import as_reward
+from rss_jax.models.base import decode_model
 
 SLOT_TAG = 0xCA4D5
 ACCEPT_TAG = 0xACC3
@@ -85,7 +86,7 @@ def draw_segments(graphdef, cfg: SegmentConfig, m: int, state, cache, lengths, l
     (next key position of every slot), budget [B] (tokens left), active [B]. Returns (segments [B, m, S] -1
     padded, lengths [B, m], entropies [B, m, S] after each token, cache of B * m rows, row lengths [B * m],
     next-token logits [B * m, V], steps run)."""
-    model = nnx.merge(graphdef, state)
+    model = decode_model(graphdef, state)
     b = lengths.shape[0]
     r_ = b * m
     width = cfg.width

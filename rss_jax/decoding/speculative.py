@@ -51,6 +51,7 @@ from rss_jax import sampling
 from rss_jax.cache import init_cache
 from rss_jax.decoding import common
 from rss_jax.models.feature_head import full_vocab
+from rss_jax.models.base import decode_model
 
 NEG = -1e9  # logit for vocabulary rows a model does not have (finite, so l_r - l_sft stays defined)
 
@@ -101,8 +102,8 @@ def _is_head(model) -> bool:
 
 def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens, prompt_lens, row_ids, base_key):
     """-> (tokens [B, max_new] int32 padded with -1, per-row statistics dict, blocks run)."""
-    target, draft = nnx.merge(gd_t, st_t), nnx.merge(gd_d, st_d)
-    sft = nnx.merge(gd_s, st_s) if cfg.three_models else None
+    target, draft = decode_model(gd_t, st_t), decode_model(gd_d, st_d)
+    sft = decode_model(gd_s, st_s) if cfg.three_models else None
     heads = _is_head(draft)  # static: feature-draft heads (both drafts are heads for SSS/EFT)
     b, p = prompt_tokens.shape
     k, n, v = cfg.k, cfg.max_new_tokens, cfg.vocab

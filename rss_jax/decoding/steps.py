@@ -28,6 +28,7 @@ from rss_jax.decoding import common
 from rss_jax.decoding.autoregressive import SamplerConfig, prefill, sampler_config
 from rss_jax.decoding.best_of_n import SearchOutput
 from rss_jax.rewards import as_reward
+from rss_jax.models.base import decode_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ def gen_step(graphdef, scfg: StepConfig, n: int, state, cache, length, pending, 
     step's first token (keys are row_key(base_keys[r], row_ids[r], pos0[r] + t)), limit = most tokens the step may take
     (<= S), done = rows that sample nothing. Returns (steps [B * n, S] int32 padded with -1, step_len [B * n], logp
     [B * n] the steps' log-probs under the tilt's log-probs, cache with B * n rows)."""
-    model = nnx.merge(graphdef, state)
+    model = decode_model(graphdef, state)
     s_max = scfg.max_step_tokens
     cache = cache.repeat_rows(n)
     lengths = jnp.repeat(length, n)

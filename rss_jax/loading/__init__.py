@@ -81,6 +81,28 @@ def cache_root() -> str | None:
     return None if root.lower() in ("off", "0", "none", "") else root
 
 
+def enable_compile_cache(path: str | None = None) -> str | None:
+    """Keep XLA's compiled programs on disk (JAX's persistent compilation cache), so a second process that runs the
+    same decode loops skips their compilation (on CPU a 30-layer loop with per-layer buffers takes 10-20 s to
+    compile). `path` defaults to $RSS_JAX_CACHE/xla; nothing changes when JAX_COMPILATION_CACHE_DIR or jax's own
+    setting already names a folder, or when RSS_JAX_CACHE=off. The command line calls this; library users may.
+    Returns the folder in use, or None."""
+    import jax
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    if path is None:
+        root = cache_root()
+        if root is None:
+            return None
+        path = os.path.join(root, "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    # the default keeps only programs that took over a second; decode loops do, small helpers need not
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return path
+
+
 def gguf_cache_dir(path: str) -> str | None:
     """Where the converted (dequantised) copy of a GGUF file is kept: $RSS_JAX_CACHE (default ~/.cache/rss_jax),
     keyed by the file's path, size and modification time. RSS_JAX_CACHE=off disables the cache."""

@@ -1,6 +1,8 @@
 """What every causal LM family shares: the cached forward signature and the output head."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,48 @@ from rss_jax.models.layers import default_positions
 
 def normal_init(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+LAYER_LOOP_ENV = "RSS_JAX_LAYER_LOOP"
+
+
+def unroll_layers(layer_bytes: int, float32: bool = True) -> bool:
+    """Whether decode loops run the layers from per-layer buffers (an unrolled loop) instead of a scan over the
+    stacked weights. `RSS_JAX_LAYER_LOOP` = `unroll` or `scan` decides; by default (`auto`) it is unroll on the CPU
+    backend for float32 weights when two copies of the layer weights take at most half the host's memory (the
+    per-layer buffers live beside the stacked ones for the length of a call), and scan elsewhere. XLA on GPU and TPU
+    reads a scanned layer's weights in place; XLA on CPU copies them out at every step, which costs float32 decoding
+    about a third of its speed. bfloat16 products on CPU are bound by arithmetic, not by reading the weights, and
+    ran at half speed unrolled (docs/benchmarks.md), so they keep the scan."""
+    mode = os.environ.get(LAYER_LOOP_ENV, "auto")
+    if mode not in ("auto", "unroll", "scan"):
+        raise ValueError(f"{LAYER_LOOP_ENV}={mode!r} is not a layer loop; set it to auto, unroll or scan")
+    if mode != "auto":
+        return mode == "unroll"
+    if jax.default_backend() != "cpu" or not float32:
+        return False
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return 4 * layer_bytes <= host
+
+
+def decode_model(graphdef, state):
+    """nnx.merge for a function that runs the model inside a decode loop: where `unroll_layers` says so, each
+    layer's weights are sliced out of the stacked arrays here, once, before the loop, so the loop body reads them
+    in place at every step (see `layers.scan_layers`). Other modules are merged as they are."""
+    model = nnx.merge(graphdef, state)
+    if isinstance(model, CausalLM) and model.config.num_layers > 0:
+        stacked = model.stacked_layer_params()
+        size = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in stacked.values())
+        if unroll_layers(size, all(a.dtype == jnp.float32 for a in stacked.values())):
+            per_layer = [{k: a[i] for k, a in stacked.items()} for i in range(model.config.num_layers)]
+            # the barrier keeps XLA from sinking the slices back into the loop body
+            per_layer = jax.lax.optimization_barrier(per_layer)
+            # a plain attribute of this traced, throw-away module, not a Variable: it is never split again
+            object.__setattr__(model, "_layer_list", per_layer)
+    return model
 
 
 class CausalLM(nnx.Module):
@@ -48,6 +92,15 @@ class CausalLM(nnx.Module):
         new_cache = KVCache(k=ck, v=cv) if cache is not None else None
         out = h if return_hidden else self.unembed(h)
         return (out, new_cache, tapped) if taps else (out, new_cache)
+
+    def stacked_layer_params(self) -> dict:
+        """The per-layer weights as a dict of stacked [L, ...] arrays (each family names its own)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define stacked_layer_params")
+
+    def layer_params(self):
+        """What `layers_forward` runs: per-layer dicts when `decode_model` sliced them, else the stacked dict."""
+        per_layer = self.__dict__.get("_layer_list")
+        return per_layer if per_layer is not None else self.stacked_layer_params()
 
     def token_embeddings(self):
         """The token embedding table [V, E] (what a feature-draft head embeds its input tokens with)."""

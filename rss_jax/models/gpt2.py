@@ -73,7 +73,10 @@ class GPT2(CausalLM):
             h = h + jnp.einsum("btf,fe->bte", x, p["w_proj"]) + p["b_proj"]
             return h, ck, cv
 
-        return scan_layers(block, params_of(self.layers, LAYER_PARAMS), h, cache_k, cache_v, collect)
+        return scan_layers(block, self.layer_params(), h, cache_k, cache_v, collect)
+
+    def stacked_layer_params(self) -> dict:
+        return params_of(self.layers, LAYER_PARAMS)
 
     def final(self, h):
         return layer_norm(h, self.ln_f_w.value, self.ln_f_b.value, self.config.norm_eps)

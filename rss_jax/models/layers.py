@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from rss_jax.cache import write_block
+from rss_jax.cache import LayerSlot, write_block
 
 
 def rms_norm(x, weight, eps):
@@ -76,13 +76,19 @@ def attention(q, k, v, cache_k=None, cache_v=None, lengths=None):
 
     q [B, T, H, D], k/v [B, T, KVH, D] for the T new tokens.
     Without a cache: causal attention of the T tokens among themselves.
-    With a cache (one layer's [B, S, KVH, D]): the new k/v are written at slots lengths[b]..lengths[b]+T-1 and query
+    With a cache (one layer's [B, S, KVH, D], or a `LayerSlot` of the stacked cache, which is then what comes
+    back): the new k/v are written at slots lengths[b]..lengths[b]+T-1 and query
     t of row b sees slots 0..lengths[b]+t.
     Returns (out [B, T, H*D], cache_k, cache_v).
     """
     b, t, h, d = q.shape
     kvh = k.shape[2]
-    if cache_k is not None:
+    if isinstance(cache_k, LayerSlot):  # the unrolled layer loop: the stacked cache comes back, updated in place
+        i = cache_k.index
+        cache_k, cache_v = cache_k.write(k, lengths), cache_v.write(v, lengths)
+        keys, values = cache_k[i], cache_v[i]
+        q_slot = lengths[:, None] + jnp.arange(t)[None, :]
+    elif cache_k is not None:
         cache_k = write_block(cache_k, k, lengths)
         cache_v = write_block(cache_v, v, lengths)
         keys, values = cache_k, cache_v
@@ -101,11 +107,29 @@ def attention(q, k, v, cache_k=None, cache_v=None, lengths=None):
     return out.reshape(b, t, h * d).astype(q.dtype), cache_k, cache_v
 
 
-def scan_layers(block, layer_params: dict, h, cache_k=None, cache_v=None, collect: bool = False):
-    """Run `block(params_l, h, ck_l, cv_l) -> (h, ck_l, cv_l)` over the stacked layers with one lax.scan, so that
-    compile time does not grow with depth. cache_k/cache_v are [L, B, S, KVH, D] or None (uncached forward).
+def scan_layers(block, layer_params, h, cache_k=None, cache_v=None, collect: bool = False):
+    """Run `block(params_l, h, ck_l, cv_l) -> (h, ck_l, cv_l)` over the layers. cache_k/cache_v are
+    [L, B, S, KVH, D] or None (uncached forward).
+
+    `layer_params` is either a dict of stacked [L, ...] arrays, run by one lax.scan (compile time does not grow with
+    depth), or a list of per-layer dicts that were sliced once, outside any decode loop (`base.decode_model`), run
+    by an unrolled Python loop. The second form exists for the CPU backend: there a scan slices each layer's weights
+    out of the stacked arrays into fresh buffers at every step, which reads and writes every weight once more per
+    decoded token; per-layer buffers let each matrix product read the weights in place.
     Returns (h, cache_k, cache_v), plus with `collect` every layer's output residual stream [L, B, T, E] (the
     taps a feature draft reads; the same forward, no second pass)."""
+    if isinstance(layer_params, (list, tuple)):
+        outs = []
+        for i, p in enumerate(layer_params):
+            if cache_k is None:
+                h, _, _ = block(p, h, None, None)
+            else:
+                h, cache_k, cache_v = block(p, h, LayerSlot(cache_k, i), LayerSlot(cache_v, i))
+            if collect:
+                outs.append(h)
+        hs = jnp.stack(outs) if collect else None
+        return (h, cache_k, cache_v, hs) if collect else (h, cache_k, cache_v)
+
     if cache_k is None:
         def body(h, p):
             h, _, _ = block(p, h, None, None)

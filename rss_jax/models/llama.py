@@ -86,7 +86,10 @@ class Llama(CausalLM):
                 h = h + jnp.einsum("btf,fe->bte", gate * up, p["w_down"])
             return h, ck, cv
 
-        return scan_layers(block, params_of(self.layers, LAYER_PARAMS), h, cache_k, cache_v, collect)
+        return scan_layers(block, self.layer_params(), h, cache_k, cache_v, collect)
+
+    def stacked_layer_params(self) -> dict:
+        return params_of(self.layers, LAYER_PARAMS)
 
     def final(self, h):
         return rms_norm(h, self.norm.value, self.config.norm_eps)

@@ -86,7 +86,10 @@ class OPT(CausalLM):
                 h = layer_norm(h, p["mlp_ln_w"], p["mlp_ln_b"], eps)
             return h, ck, cv
 
-        return scan_layers(block, params_of(self.layers, LAYER_PARAMS), h, cache_k, cache_v, collect)
+        return scan_layers(block, self.layer_params(), h, cache_k, cache_v, collect)
+
+    def stacked_layer_params(self) -> dict:
+        return params_of(self.layers, LAYER_PARAMS)
 
     def final(self, h):
         if self.config.final_layer_norm:
