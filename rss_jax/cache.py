@@ -43,11 +43,17 @@ def init_cache(config, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
     return KVCache(k=k, v=v)
 
 
-def write_block(cache_l: jax.Array, new: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Write new [B, T, KVH, D] into one layer's cache [B, S, KVH, D] at slots lengths[b]..lengths[b]+T-1."""
-    def one(c, x, start):
-        return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (start, 0, 0))
-    return jax.vmap(one)(cache_l, new, lengths)
+def write_block(cache: jax.Array, new: jax.Array, lengths: jax.Array, layer: int | None = None) -> jax.Array:
+    """Write new [B, T, KVH, D] at slots lengths[b]..lengths[b]+T-1 of one layer's cache [B, S, KVH, D], or, with
+    `layer`, of that layer of a stacked cache [L, B, S, KVH, D] (returned whole, written in place)."""
+    if layer is None:
+        def one(c, x, start):
+            return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (start, 0, 0))
+        return jax.vmap(one)(cache, new, lengths)
+
+    def one_row(c, x, start):  # c [L, S, KVH, D] (one row), x [T, KVH, D]
+        return jax.lax.dynamic_update_slice(c, x[None].astype(c.dtype), (layer, start, 0, 0))
+    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache, new, lengths)
 
 
 class LayerSlot:
@@ -60,8 +66,4 @@ class LayerSlot:
 
     def write(self, new: jax.Array, lengths: jax.Array) -> jax.Array:
         """new [B, T, KVH, D] at slots lengths[b].. of this layer -> the updated stacked cache."""
-        i = self.index
-
-        def one(c, x, start):  # c [L, S, KVH, D] (one row), x [T, KVH, D]
-            return jax.lax.dynamic_update_slice(c, x[None].astype(c.dtype), (i, start, 0, 0))
-        return jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(self.stacked, new, lengths)
+        return write_block(self.stacked, new, lengths, layer=self.index)

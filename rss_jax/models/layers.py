@@ -87,11 +87,11 @@ def attention(q, k, v, cache_k=None, cache_v=None, lengths=None):
         i = cache_k.index
         cache_k, cache_v = cache_k.write(k, lengths), cache_v.write(v, lengths)
         keys, values = cache_k[i], cache_v[i]
-        q_slot = lengths[:, None] + jnp.arange(t)[None, :]
     elif cache_k is not None:
         cache_k = write_block(cache_k, k, lengths)
         cache_v = write_block(cache_v, v, lengths)
         keys, values = cache_k, cache_v
+    if cache_k is not None:
         q_slot = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
     else:
         keys, values = k, v
