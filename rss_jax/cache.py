@@ -45,15 +45,17 @@ def init_cache(config, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
 
 def write_block(cache: jax.Array, new: jax.Array, lengths: jax.Array, layer: int | None = None) -> jax.Array:
     """Write new [B, T, KVH, D] at slots lengths[b]..lengths[b]+T-1 of one layer's cache [B, S, KVH, D], or, with
-    `layer`, of that layer of a stacked cache [L, B, S, KVH, D] (returned whole, written in place)."""
-    if layer is None:
-        def one(c, x, start):
-            return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (start, 0, 0))
-        return jax.vmap(one)(cache, new, lengths)
+    `layer`, of that layer of a stacked cache [L, B, S, KVH, D] (returned whole, written in place). Slots at or past
+    the capacity S are dropped, never wrapped onto valid ones.
 
-    def one_row(c, x, start):  # c [L, S, KVH, D] (one row), x [T, KVH, D]
-        return jax.lax.dynamic_update_slice(c, x[None].astype(c.dtype), (layer, start, 0, 0))
-    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache, new, lengths)
+    One scatter of B*T rows with sorted, unique indices: XLA updates the buffer in place. A per-row
+    dynamic_update_slice under vmap (the obvious spelling) became a scatter that XLA on CPU ran by rewriting the
+    whole stacked cache at every write: 4.9 ms against 0.01 ms per layer and step at batch 64 with 400 slots."""
+    b, t = new.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    slots = lengths.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    idx = (rows, slots) if layer is None else (layer, rows, slots)
+    return cache.at[idx].set(new.astype(cache.dtype), mode="drop", unique_indices=True, indices_are_sorted=True)
 
 
 class LayerSlot:
