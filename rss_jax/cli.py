@@ -301,6 +301,22 @@ def run_bench(name: str, rest: list) -> int:
     return subprocess.call([sys.executable, script, *rest])
 
 
+def cmd_w2s(args) -> int:
+    import dataclasses
+
+    from rss_jax import w2s
+    fields = {f.name for f in dataclasses.fields(w2s.Settings)}
+    chosen = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    settings = w2s.Settings(**chosen)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    command = "rss-jax w2s " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["w2s"] else "rss-jax w2s"
+    summary = w2s.run(settings, args.work, args.out, None if args.no_report else args.results, methods=methods,
+                      v2=args.v2, command=command.strip())
+    print(f"wrote {args.out}" + ("" if args.no_report else f" and {args.results}") +
+          f" ({len(summary['methods'])} methods, {summary['eval_prompts']} prompts)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     return run_bench(args.name, args.rest)
 
@@ -335,6 +351,10 @@ examples:
   rss-jax demo --max-new-tokens 32 --k 3""",
     "convert": """example:
   rss-jax convert smollm2-135m-instruct converted/   # an Orbax folder: reloads without GGUF dequantisation""",
+    "w2s": """examples:
+  rss-jax w2s                                   # the whole evaluation (about 90 minutes on 2 CPU cores; resumable)
+  rss-jax w2s --methods vanilla,sss_exact,eft   # some methods only
+  rss-jax w2s --v2 make                         # re-make the separate-model v2 drafts first (90 more minutes)""",
     "bench": """benchmarks: decode (scripts/bench_decode.py), speculative (bench_speculative.py), search
 (bench_search.py), train (bench_train.py); everything after the name goes to the script.
 
@@ -372,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--method sss",
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    commands = "{generate,info,demo,convert,train,bench}"
+    commands = "{generate,info,demo,convert,train,bench,w2s}"
     sub = p.add_subparsers(dest="command", metavar=commands)
     sub.required = True
 
@@ -412,6 +432,31 @@ def build_parser() -> argparse.ArgumentParser:
             for mode, q in action.choices.items():
                 if f"train {mode}" in EXAMPLES:
                     _with_examples(q, f"train {mode}")
+
+    w = _with_examples(sub.add_parser("w2s", help="the weak-to-strong evaluation: every method on held-out prompts, "
+                                      "JSON, table and plots", description="Run (or resume) the weak-to-strong "
+                                      "evaluation of the built-in model: every method on held-out prompts, scored by "
+                                      "VADER (gold), AFINN and TextBlob, with cost per token. Finished chunks under "
+                                      "--work are reused."), "w2s")
+    w.add_argument("--work", default="runs/w2s", help="folder of the cached per-chunk artifacts (default runs/w2s)")
+    w.add_argument("--out", default="docs/results/weak_to_strong.json", help="the summary JSON")
+    w.add_argument("--results", default="docs/RESULTS.md", help="the report (its plots go to results/ beside it)")
+    w.add_argument("--no-report", action="store_true", help="write the JSON only")
+    w.add_argument("--methods", default=None, help="comma-separated subset (vanilla, sd_sft, sd, sss_exact, "
+                   "sss_paper, sss_authors_code, eft, args, cards, rs, treebon, gsi, rsd, bon_pool, spr_..., *_v2)")
+    w.add_argument("--v2", choices=("auto", "make", "skip"), default="auto", help="the separate-model v2 drafts: "
+                   "use them when cached (auto), re-make them when absent (make), or leave them out (skip)")
+    w.add_argument("--eval-prompts", type=POS_INT, default=None, help="held-out prompts (default 100)")
+    w.add_argument("--search-prompts", type=POS_INT, default=None, help="prompts for BoN(64), Speculative "
+                   "Rejection, TreeBoN and GSI (default 20: the 90-minute budget on two cores)")
+    w.add_argument("--latency-prompts", type=POS_INT, default=None, help="prompts run one at a time for the "
+                   "wall-clock (default 4)")
+    w.add_argument("--new-tokens", type=POS_INT, default=None, help="new tokens at most (default 128)")
+    w.add_argument("--k", type=POS_INT, default=None, help="draft tokens per block for SD and SSS (default 4)")
+    w.add_argument("--chunk", type=POS_INT, default=None, help="prompts per call (default 25)")
+    w.add_argument("--search-chunk", type=POS_INT, default=None, help="prompts per BoN / SpR call (default 4)")
+    w.add_argument("--seed", type=NONNEG_INT, default=None)
+    w.set_defaults(fn=cmd_w2s)
 
     b = _with_examples(sub.add_parser("bench", help="run a benchmark script (decode, speculative, search, train)",
                                       description="Run one of the repository's benchmark scripts; the arguments "

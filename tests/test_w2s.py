@@ -1,0 +1,159 @@
+"""The weak-to-strong pipeline (`rss-jax w2s`) end to end, small: a tiny random target with the built-in model's
+tokenizer (so responses are text that VADER, AFINN and TextBlob can score), two random feature-draft heads, three
+prompts, eight new tokens, tiny budgets, every method. Checks the JSON's fields, that a re-run reuses every chunk,
+that a run killed mid-way and resumed gives the same numbers, the BoN pool's identity with separate BoN runs, and
+the report."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from rss_jax import heads as rheads
+from rss_jax import w2s, w2s_report
+from rss_jax.lm import from_params
+from rss_jax.loading import resolve_builtin
+from rss_jax.loading.names import flatten
+from rss_jax.loading.tokenizer import load_tokenizer
+from rss_jax.models import ModelConfig, build_model
+from rss_jax.models.feature_head import HeadConfig, init_head
+
+pytest.importorskip("afinn")
+pytest.importorskip("textblob")
+
+FIELDS = ("gold_reward_mean", "gold_reward_se", "afinn_mean", "textblob_mean", "wall_s_per_token",
+          "target_calls_per_token", "reward_calls_per_token", "acceptance_rate", "new_tokens")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = load_tokenizer(gguf_file=resolve_builtin("smollm2-135m-instruct"))
+    vocab = len(tok)
+    eos = tuple(int(t) for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if t is not None)
+    cfg = ModelConfig(family="llama", vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256, eos_token_ids=eos,
+                      tie_word_embeddings=True)
+    lm = from_params(cfg, flatten(nnx.to_pure_dict(nnx.state(build_model(cfg, 0)))), tokenizer=tok,
+                     source="tiny-w2s-target")
+    # the draft vocabulary: common word pieces (a few hundred ids) and the end-of-turn ids
+    ids = sorted(set(range(200, 700)) | set(eos))
+    heads = []
+    for seed, taps in ((1, (0, 1)), (2, (1,))):
+        hcfg = HeadConfig.for_target(cfg, taps, ids)
+        flat = flatten(nnx.to_pure_dict(nnx.state(init_head(hcfg, seed))))
+        heads.append(rheads.from_flat(hcfg, flat, source=f"tiny-head-{seed}"))
+    return lm, heads[0], heads[1]
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("w2s")
+    s = w2s.Settings(**w2s.TINY)
+    out = root / "summary.json"
+    summary = w2s.run(s, str(root / "work"), str(out), str(root / "docs" / "RESULTS.md"), tiny_model=tiny,
+                      command="pytest")
+    return s, root, summary
+
+
+def test_every_method_has_every_field(first_run):
+    s, root, summary = first_run
+    on_disk = json.loads((root / "summary.json").read_text())
+    assert on_disk["eval_prompts"] == s.eval_prompts and on_disk["command"] == "pytest"
+    expected = {"vanilla", "bon_2", f"bon_{s.n_max}", "soft_bon_2", "sd_sft", "sd", "sss_exact", "sss_paper",
+                "sss_authors_code", "eft", "args", "cards", "rs", "treebon", "gsi", "rsd"} | \
+        {w2s.spr_key(*c) for c in s.spr}
+    assert set(on_disk["methods"]) == expected
+    for name, e in on_disk["methods"].items():
+        for f in FIELDS:
+            assert f in e, (name, f)
+        assert e["new_tokens"] > 0 and e["wall_s_per_token"] > 0 and e["target_calls_per_token"] > 0, name
+        assert -1 <= e["gold_reward_mean"] <= 1 and -1 <= e["textblob_mean"] <= 1, name
+    m = on_disk["methods"]
+    for name in ("sd_sft", "sd", "sss_exact", "sss_paper", "sss_authors_code"):
+        assert 0 <= m[name]["acceptance_rate"] <= 1 and len(m[name]["acceptance_by_offset"]) == s.k
+        assert m[name]["tokens_per_target_call"] >= 1
+    assert m["vanilla"]["reward_calls_per_token"] == 0 and m["vanilla"]["acceptance_rate"] is None
+    # BoN(n) costs about n target rows per returned token (EOS can end rows early), the pool the most
+    assert m[f"bon_{s.n_max}"]["target_calls_per_token"] > m["bon_2"]["target_calls_per_token"]
+
+
+def test_bon_variants_equal_their_own_runs(first_run):
+    """BoN(2) and soft BoN(2) read off the BoN(4) pool are token for token what separate calls return."""
+    _, _, summary = first_run
+    assert summary["methods"]["bon_2"]["same_tokens_as_pool"] is True
+    assert summary["methods"]["soft_bon_2"]["same_tokens_as_pool"] is True
+
+
+def test_rerun_reuses_every_chunk(first_run, tiny, monkeypatch):
+    s, root, summary = first_run
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished chunk was run again")
+    monkeypatch.setattr(w2s, "run_chunk", refuse)
+    again = w2s.run(s, str(root / "work"), str(root / "again.json"), None, tiny_model=tiny, command="pytest")
+    for name, e in summary["methods"].items():
+        assert again["methods"][name]["gold_reward_mean"] == e["gold_reward_mean"]
+        assert again["methods"][name]["wall_s_per_token"] == e["wall_s_per_token"]
+
+
+def test_killed_run_resumes_with_the_same_numbers(first_run, tiny):
+    """Delete some finished chunks (a run killed before it reached them) and leave a half-written temporary file:
+    the resumed run recomputes only those chunks, and every response and score is what the first run had."""
+    s, root, summary = first_run
+    work = root / "work"
+    victims = [w2s._art_path(str(work), s, "quality", m, 0) for m in ("vanilla", "sss_exact", "bon_pool", "cards")]
+    victims.append(w2s._art_path(str(work), s, "latency", "eft", 0))
+    for v in victims:
+        os.remove(v)
+    open(victims[0] + ".tmp123", "w").write('{"half": ')
+    ran = []
+    real = w2s.run_chunk
+
+    def counting(ctx, method, *a, **k):
+        ran.append(method)
+        return real(ctx, method, *a, **k)
+    w2s.run_chunk, saved = counting, w2s.run_chunk
+    try:
+        again = w2s.run(s, str(work), str(root / "resumed.json"), None, tiny_model=tiny, command="pytest")
+    finally:
+        w2s.run_chunk = saved
+    assert sorted(ran) == sorted(["vanilla", "sss_exact", "bon_pool", "cards", "eft"])
+    for name, e in summary["methods"].items():
+        r = again["methods"][name]
+        for f in ("gold_reward_mean", "afinn_mean", "textblob_mean", "new_tokens", "acceptance_rate"):
+            assert r[f] == e[f], (name, f)
+        assert [x["text"] for x in r["examples"]] == [x["text"] for x in e["examples"]], name
+
+
+def test_report_has_table_plots_and_examples(first_run):
+    s, root, summary = first_run
+    md = (root / "docs" / "RESULTS.md").read_text()
+    for e in summary["methods"].values():
+        assert f"| {e['label']}" in md
+    assert "results/weak_to_strong_wall.png" in md and "results/weak_to_strong_forwards.png" in md
+    for png in ("weak_to_strong_wall.png", "weak_to_strong_forwards.png"):
+        assert (root / "docs" / "results" / png).stat().st_size > 1000
+    assert "## Example outputs" in md and "SSS exact against vanilla" in md
+    # every table number comes from the JSON: the vanilla row's gold reward is printed from it
+    assert f"{summary['methods']['vanilla']['gold_reward_mean']:.3f}" in md
+
+
+def test_settings_key_changes_only_with_what_a_method_reads():
+    s = w2s.Settings()
+    assert s.key("vanilla") == dataclasses.replace(s, n_max=32, eval_prompts=300).key("vanilla")
+    assert s.key("bon_pool") != dataclasses.replace(s, n_max=32).key("bon_pool")
+    assert s.key("sss_exact") != dataclasses.replace(s, k=3).key("sss_exact")
+    assert s.key("vanilla") != dataclasses.replace(s, temperature=1.0).key("vanilla")
+
+
+def test_bad_prompt_count_is_refused():
+    with pytest.raises(ValueError, match="eval-prompts"):
+        w2s.load_prompts(10 ** 6)
+    with pytest.raises(ValueError, match="unknown --methods"):
+        w2s.plan(w2s.Settings(), methods=["nope"])
+    assert np.all([j[3] > 0 for j in w2s.plan(w2s.Settings(eval_prompts=7, search_prompts=5, chunk=3,
+                                                           search_chunk=2))])
