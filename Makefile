@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BASE := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast drafts drafts-v2 clean
+.PHONY: demo test test-fast drafts drafts-v2 w2s clean
 
 # what the library and the demo need: rss_jax with its dependencies and the built-in real model
 $(BASE): pyproject.toml Makefile
@@ -48,6 +48,11 @@ drafts-v2: $(STAMP)
 	$(PY) scripts/distill_draft.py --steps 200 --new-tokens 64 --held-out 24 --save $(DRAFTS)/smollm2-135m-instruct-distilled-base
 	$(PY) scripts/distill_draft.py --more-prompts --responses-per-prompt 2 --new-tokens 64 --held-out 24 --sample-batch 32 --data-cache $(DRAFTS)/../distill_data/smollm2-620x2-64.json --init $(DRAFTS)/smollm2-135m-instruct-distilled-base --head-vocab 16384 --steps 320 --learning-rate 1e-4 --save $(DRAFTS)/smollm2-135m-instruct-distilled --out results/distill_draft_v2.json
 	$(PY) scripts/align_draft.py --sft $(DRAFTS)/smollm2-135m-instruct-distilled --save $(DRAFTS)/smollm2-135m-instruct-aligned --learning-rate 5e-5 --steps 120
+
+# the weak-to-strong evaluation (docs/RESULTS.md, docs/results/weak_to_strong.json): every method on 100 held-out
+# prompts of the built-in model; about 70 minutes on two cores, resumable (finished chunks under runs/w2s are kept)
+w2s: $(STAMP)
+	$(PY) -m rss_jax.cli w2s
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

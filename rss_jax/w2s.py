@@ -19,6 +19,7 @@ of the pool (the timing chunk re-runs them and records that the tokens agree); t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -39,7 +40,7 @@ class Settings:
     """What decides the numbers: changing any field re-runs the chunks it touches (the hash names the artifacts)."""
     model: str = "smollm2-135m-instruct"
     eval_prompts: int = 100
-    search_prompts: int = 20  # BoN(n_max), Speculative Rejection, TreeBoN and GSI run on the first this many
+    search_prompts: int = 20  # BoN(n_max), Speculative Rejection, TreeBoN, GSI and CARDS run on the first this many
     latency_prompts: int = 4  # each method again on the first this many, one prompt per call, for the wall-clock
     new_tokens: int = 128
     temperature: float = 0.8
@@ -66,11 +67,11 @@ class Settings:
         own = {"bon_pool": ("n_max", "bon_ns", "soft_beta", "search_chunk"), "args": ("args_k", "args_weight"),
                "cards": ("tau_r",), "rs": ("tau_r",), "treebon": ("treebon", "heads"), "gsi": ("gsi_n",),
                "rsd": ("rsd_delta",)}.get(method, ())
-        if method.startswith("spr_"):
-            own = ("search_chunk",)
+        if method.startswith("spr_") or method in SEARCH:
+            own += ("search_chunk",)
         elif method.startswith(("sd", "sss", "eft")):
             own = ("k", "heads")
-        if method not in ("bon_pool",) and not method.startswith("spr_"):
+        if not is_search(method):
             own += ("chunk",)
         d = dataclasses.asdict(self)
         blob = {f: d[f] for f in ("model", "new_tokens", "temperature", "top_k", "seed") + own}
@@ -303,7 +304,9 @@ def _progress(total, desc):
         return None
 
 
-SEARCH = ("bon_pool", "treebon", "gsi")  # the population methods: on the first `search_prompts` prompts
+# the population methods and CARDS (whose segment retries cost about 20 responses per prompt here): on the first
+# `search_prompts` prompts only
+SEARCH = ("bon_pool", "treebon", "gsi", "cards")
 
 
 def is_search(method: str) -> bool:
@@ -315,8 +318,8 @@ def plan(s: Settings, methods=None, with_v2: bool = False) -> list[tuple[str, st
     scored, in chunks of `chunk` prompts (`search_chunk` for the population methods); phase "latency": the first
     `latency_prompts` prompts again, one per call (batch 1, a user waiting for one answer), which gives the wall
     seconds per token in the table."""
-    names = ["vanilla", "sss_exact", "eft", "sd_sft", "sd", "sss_paper", "sss_authors_code", "args", "cards", "rs",
-             "rsd", "bon_pool"] + [spr_key(*c) for c in s.spr] + ["treebon", "gsi"]
+    names = ["vanilla", "sss_exact", "eft", "sd_sft", "sd", "sss_paper", "sss_authors_code", "args", "rs", "rsd",
+             "bon_pool"] + [spr_key(*c) for c in s.spr] + ["treebon", "gsi", "cards"]
     if with_v2:
         names += ["sd_sft_v2", "sd_v2", "sss_exact_v2", "sss_paper_v2", "sss_authors_code_v2", "eft_v2"]
     if methods:
@@ -354,6 +357,7 @@ def run(s: Settings, work: str, out_json: str, results_md: str | None = None, me
     """Run (or resume) the pipeline; returns the summary that is written to `out_json`."""
     import rss_jax as rj
     t_start = time.perf_counter()
+    commit = git_commit()  # what the run starts from
     prompts = load_prompts(s.eval_prompts)
     if tiny_model is not None:  # the test suite's small version: (lm, sft head, aligned head) built in the test
         lm, sft, aligned = tiny_model
@@ -387,7 +391,7 @@ def run(s: Settings, work: str, out_json: str, results_md: str | None = None, me
     if bar is not None:
         bar.close()
     summary = summarize(s, work, jobs, prompts, command, small_is_target=ctx["small"] is lm,
-                        run_s=time.perf_counter() - t_start)
+                        run_s=time.perf_counter() - t_start, commit=commit)
     _write_json(out_json, summary)
     if results_md:
         from rss_jax import w2s_report
@@ -452,7 +456,18 @@ def _tokens(a) -> int:
     return int(sum(n)) if isinstance(n, list) else int(n)
 
 
-def summarize(s: Settings, work, jobs, prompts, command, small_is_target=True, run_s=None) -> dict:
+def git_commit() -> str | None:
+    """The checkout's commit, with "+changes" when tracked files differ from it (None outside a git checkout)."""
+    try:
+        run_ = functools.partial(subprocess.run, capture_output=True, text=True, timeout=10, cwd=ROOT)
+        head = run_(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run_(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+changes" if dirty else "")) or None
+
+
+def summarize(s: Settings, work, jobs, prompts, command, small_is_target=True, run_s=None, commit=None) -> dict:
     import jax
 
     from rss_jax import report
@@ -486,12 +501,8 @@ def summarize(s: Settings, work, jobs, prompts, command, small_is_target=True, r
     at = max((i + 1 for i, k in enumerate(order) if "bon_" in k), default=len(order))
     order = order[:at] + spr + order[at:]
     methods = {k: methods[k] for k in order}
-    try:
-        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    every = [a for group in (quality, latency) for arts in group.values() for a in arts]
     return dict(eval_prompts=len(prompts), search_prompts=min(s.search_prompts, len(prompts)),
                 latency_prompts=min(s.latency_prompts, len(prompts)), settings=dataclasses.asdict(s),
                 machine=report.machine(), backend=jax.default_backend(), command=command, git_commit=commit,
-                run_s=run_s, methods=methods)
+                run_s=run_s, chunks_s=sum(a["call_s"] for a in every), methods=methods)

@@ -61,8 +61,10 @@ def markdown(summary: dict, wall_png: str, fw_png: str) -> str:
         "```",
         "",
         f"* **Machine:** {summary['machine']} (JAX backend: {summary['backend']}); git commit "
-        f"`{summary['git_commit']}`; the run took {_fmt((summary.get('run_s') or 0) / 60, 1)} minutes "
-        "(this invocation; finished stages are reused, so a resumed run reports only what it ran).",
+        f"`{summary['git_commit']}`. The method calls of all chunks took "
+        f"{_fmt((summary.get('chunks_s') or 0) / 60, 1)} minutes in all; the invocation that wrote this report took "
+        f"{_fmt((summary.get('run_s') or 0) / 60, 1)} (it reuses every finished chunk, so a resumed run reports "
+        "only what it ran, plus loading).",
         f"* **Target:** {s['model']}, the strong unaligned model. **Drafts:** the shipped SFT and aligned "
         "feature-draft heads (rows with `v2` use the separate-model v2 drafts).",
         f"* **Prompts:** the first {summary['eval_prompts']} requests of `data/prompts_eval.jsonl` (topics no "
