@@ -40,7 +40,7 @@ class Settings:
     """What decides the numbers: changing any field re-runs the chunks it touches (the hash names the artifacts)."""
     model: str = "smollm2-135m-instruct"
     eval_prompts: int = 100
-    search_prompts: int = 20  # BoN(n_max), Speculative Rejection, TreeBoN, GSI and CARDS run on the first this many
+    search_prompts: int = 20  # BoN(n_max), Speculative Rejection, TreeBoN, GSI, RS, CARDS: the first this many
     latency_prompts: int = 4  # each method again on the first this many, one prompt per call, for the wall-clock
     new_tokens: int = 128
     temperature: float = 0.8
@@ -304,9 +304,9 @@ def _progress(total, desc):
         return None
 
 
-# the population methods and CARDS (whose segment retries cost about 20 responses per prompt here): on the first
-# `search_prompts` prompts only
-SEARCH = ("bon_pool", "treebon", "gsi", "cards")
+# the population methods, RS (which draws its max_tries = 21 responses per prompt as one population) and CARDS
+# (whose segment retries cost as much; one 25-prompt chunk ran over 8 minutes): on the first `search_prompts` only
+SEARCH = ("bon_pool", "treebon", "gsi", "cards", "rs")
 
 
 def is_search(method: str) -> bool:
@@ -318,8 +318,8 @@ def plan(s: Settings, methods=None, with_v2: bool = False) -> list[tuple[str, st
     scored, in chunks of `chunk` prompts (`search_chunk` for the population methods); phase "latency": the first
     `latency_prompts` prompts again, one per call (batch 1, a user waiting for one answer), which gives the wall
     seconds per token in the table."""
-    names = ["vanilla", "sss_exact", "eft", "sd_sft", "sd", "sss_paper", "sss_authors_code", "args", "rs", "rsd",
-             "bon_pool"] + [spr_key(*c) for c in s.spr] + ["treebon", "gsi", "cards"]
+    names = ["vanilla", "sss_exact", "eft", "sd_sft", "sd", "sss_paper", "sss_authors_code", "args", "rsd",
+             "bon_pool"] + [spr_key(*c) for c in s.spr] + ["treebon", "gsi", "rs", "cards"]
     if with_v2:
         names += ["sd_sft_v2", "sd_v2", "sss_exact_v2", "sss_paper_v2", "sss_authors_code_v2", "eft_v2"]
     if methods:
