@@ -448,13 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "use them when cached (auto), re-make them when absent (make), or leave them out (skip)")
     w.add_argument("--eval-prompts", type=POS_INT, default=None, help="held-out prompts (default 100)")
     w.add_argument("--search-prompts", type=POS_INT, default=None, help="prompts for BoN(64), Speculative "
-                   "Rejection, TreeBoN and GSI (default 20: the 90-minute budget on two cores)")
+                   "Rejection, TreeBoN, GSI, RS and CARDS (default 20: the 90-minute budget on two cores)")
     w.add_argument("--latency-prompts", type=POS_INT, default=None, help="prompts run one at a time for the "
                    "wall-clock (default 4)")
     w.add_argument("--new-tokens", type=POS_INT, default=None, help="new tokens at most (default 128)")
     w.add_argument("--k", type=POS_INT, default=None, help="draft tokens per block for SD and SSS (default 4)")
     w.add_argument("--chunk", type=POS_INT, default=None, help="prompts per call (default 25)")
-    w.add_argument("--search-chunk", type=POS_INT, default=None, help="prompts per BoN / SpR call (default 4)")
+    w.add_argument("--search-chunk", type=POS_INT, default=None, help="prompts per call of those methods "
+                   "(default 4)")
     w.add_argument("--seed", type=NONNEG_INT, default=None)
     w.set_defaults(fn=cmd_w2s)
 

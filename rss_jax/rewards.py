@@ -52,11 +52,17 @@ class TextReward(Reward):
         return np.array([self.fn(dec(p), dec(r)) for p, r in zip(prompt_ids, response_ids)], dtype=np.float32)
 
 
-def vader_reward(tokenizer) -> TextReward:
-    """VADER sentiment of the response (compound score in [-1, 1]); the lexicon ships with the package."""
+def vader_compound():
+    """text -> VADER's compound sentiment score in [-1, 1] (the lexicon ships with the package)."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     analyzer = SentimentIntensityAnalyzer()
-    return TextReward(lambda prompt, response: analyzer.polarity_scores(response)["compound"], tokenizer)
+    return lambda text: float(analyzer.polarity_scores(text)["compound"])
+
+
+def vader_reward(tokenizer) -> TextReward:
+    """VADER sentiment of the response (compound score in [-1, 1]); the prompt is not read."""
+    compound = vader_compound()
+    return TextReward(lambda prompt, response: compound(response), tokenizer)
 
 
 @functools.partial(jax.jit, static_argnums=0)

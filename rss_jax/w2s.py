@@ -14,7 +14,8 @@ Stages, each cached under the work folder (default runs/w2s) and reused when its
 Every chunk uses fixed keys (prompt offsets, or a seed per chunk for the population methods), so a re-run, or a run
 killed and resumed, gives the same numbers. Best-of-n for n < n_max and soft Best-of-n are read off the BoN(n_max)
 pool: BoN's row i of prompt b draws with the key of (i * B + b) whatever n is, so BoN(n) is exactly the first n rows
-of the pool (the timing chunk re-runs them and records that the tokens agree); their wall-clock is that timing run's.
+of the pool (the batch-1 latency runs re-run each of them, which gives their wall-clock and records that the tokens
+agree).
 """
 from __future__ import annotations
 
@@ -82,20 +83,15 @@ class Settings:
 TINY = dict(latency_prompts=1, eval_prompts=4, search_prompts=2, new_tokens=8, n_max=4, bon_ns=(2,), spr=((4, (2,), 0.5),),
             treebon=(4, 2, 2), gsi_n=2, args_k=3, chunk=2, search_chunk=2, k=2)
 
-# method key -> (label, family); the order is the table's
+# method key -> table label, in the table's order (BoN(n) for other n and the SpR settings are named from Settings)
 METHODS = {
-    "vanilla": ("vanilla target", "ar"),
-    "bon_4": ("BoN(4)", "bon"), "bon_16": ("BoN(16)", "bon"), "bon_64": ("BoN(64)", "bon"),
-    "soft_bon_16": ("soft BoN(16)", "bon"),
-    "sd_sft": ("SD, SFT head", "spec"), "sd": ("SD, aligned head", "spec"),
-    "sss_exact": ("SSS exact", "spec"), "sss_paper": ("SSS paper", "spec"),
-    "sss_authors_code": ("SSS authors_code", "spec"), "eft": ("EFT (heads)", "spec"),
-    "args": ("ARGS", "args"), "cards": ("CARDS", "cards"), "rs": ("RS", "cards"), "treebon": ("TreeBoN", "tree"),
-    "gsi": ("GSI", "step"), "rsd": ("RSD", "step"),
-    "sd_sft_v2": ("SD, SFT v2", "spec"), "sd_v2": ("SD, aligned v2", "spec"), "sss_exact_v2": ("SSS exact v2", "spec"),
-    "sss_paper_v2": ("SSS paper v2", "spec"), "sss_authors_code_v2": ("SSS authors_code v2", "spec"),
-    "eft_v2": ("EFT v2", "spec"),
+    "vanilla": "vanilla target", "sd_sft": "SD, SFT head", "sd": "SD, aligned head", "sss_exact": "SSS exact",
+    "sss_paper": "SSS paper", "sss_authors_code": "SSS authors_code", "eft": "EFT (heads)", "args": "ARGS",
+    "cards": "CARDS", "rs": "RS", "treebon": "TreeBoN", "gsi": "GSI", "rsd": "RSD",
+    "sd_sft_v2": "SD, SFT v2", "sd_v2": "SD, aligned v2", "sss_exact_v2": "SSS exact v2",
+    "sss_paper_v2": "SSS paper v2", "sss_authors_code_v2": "SSS authors_code v2", "eft_v2": "EFT v2",
 }
+SPECULATIVE = ("sd_sft", "sd", "sss_exact", "sss_paper", "sss_authors_code", "eft")  # (and each with _v2)
 V2_NAMES = ("smollm2-135m-instruct-distilled", "smollm2-135m-instruct-aligned")
 
 
@@ -112,17 +108,17 @@ class Scorers:
     valences) and TextBlob polarity (in [-1, 1]). All three read lexicons shipped inside their packages."""
 
     def __init__(self):
+        from rss_jax.rewards import vader_compound
         try:
             from afinn import Afinn
             from textblob import TextBlob
-            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError as e:
             raise ImportError(f"the weak-to-strong scorers need the `w2s` extra ({e.name} is missing); install it "
                               "with `pip install -e \".[w2s]\"` (make test does)") from e
-        self._vader, self._afinn, self._blob = SentimentIntensityAnalyzer(), Afinn(), TextBlob
+        self._vader, self._afinn, self._blob = vader_compound(), Afinn(), TextBlob
 
     def __call__(self, texts):
-        return dict(gold=[float(self._vader.polarity_scores(t)["compound"]) for t in texts],
+        return dict(gold=[self._vader(t) for t in texts],
                     afinn=[float(self._afinn.score(t)) for t in texts],
                     textblob=[float(self._blob(t).sentiment.polarity) for t in texts])
 
@@ -165,7 +161,7 @@ def load_prompts(n: int, path: str = EVAL_PROMPTS) -> list[str]:
 # running one chunk of one method
 # ------------------------------------------------------------------------------------------------------------------
 
-def _spec_cost(out, b):
+def _spec_cost(out):
     st = out.stats
     return dict(target_row_forwards=int(st["row_blocks_total"]), target_calls=int(st["target_calls"]),
                 accepted_histogram=st["accepted_histogram"], acceptance_rate=st["acceptance_rate"],
@@ -183,11 +179,10 @@ def run_chunk(ctx, method: str, prompts: list[str], offset: int, chunk_index: in
     chunk_seed = s.seed + 1000 * (chunk_index + 1)  # population methods: keys depend on the batch, so one per chunk
     extra = {}
     t0 = time.perf_counter()
-    family = METHODS.get(method, ("", "spr"))[1]
     if method == "vanilla":
         out = rj.generate(lm, prompts, method="ar", top_k=s.top_k, seed=s.seed, prompt_offset=offset, **kw)
         cost = dict(target_row_forwards=int(out.stats["target_calls"]) * b, target_calls=int(out.stats["target_calls"]))
-    elif family == "spec":
+    elif method.removesuffix("_v2") in SPECULATIVE:
         v2 = method.endswith("_v2")
         base = method[:-3] if v2 else method
         sft, aligned = (ctx["v2"] if v2 else ctx["heads"])
@@ -200,13 +195,13 @@ def run_chunk(ctx, method: str, prompts: list[str], offset: int, chunk_index: in
         else:
             out = rj.generate(lm, prompts, method="sss", draft=aligned, sft=sft, k=s.k, mode=base[4:],
                               draft_top_k=s.top_k, **gen)
-        cost = _spec_cost(out, b)
+        cost = _spec_cost(out)
     elif method == "bon_pool":
         out = rj.best_of_n(lm, prompts, reward, n=s.n_max, top_k=s.top_k, seed=chunk_seed, **kw)
         cost = dict(target_row_forwards=int(out.stats["decode_slots"]), target_calls=int(out.stats["target_forwards"]))
         pool_call_s, pool_rows = time.perf_counter() - t0, reward.rows
         extra = _pool_variants(ctx, out, prompts, chunk_seed, timing=timing)
-    elif family == "spr":
+    elif method.startswith("spr_"):
         n_init, stops, alpha = ctx["spr"][method]
         out = rj.speculative_rejection(lm, prompts, reward, alpha=alpha, n_init=n_init, stops=list(stops),
                                        top_k=s.top_k, seed=chunk_seed, **kw)
@@ -492,14 +487,14 @@ def summarize(s: Settings, work, jobs, prompts, command, small_is_target=True, r
             n_init, stops, alpha = next(c for c in s.spr if spr_key(*c) == m)
             methods[m] = _entry(arts, lat, f"SpR(n {n_init}, stop {','.join(map(str, stops))}, α {alpha:g})")
         else:
-            label = METHODS[m][0]
+            label = METHODS[m]
             if m in ("gsi", "rsd"):
                 label += " (small = target)" if small_is_target else " (small = aligned v2 draft)"
             methods[m] = _entry(arts, lat, label)
-    order = [k for k in METHODS if k in methods]
-    spr = [k for k in methods if k not in METHODS]  # after the BoN rows they are measured against
-    at = max((i + 1 for i, k in enumerate(order) if "bon_" in k), default=len(order))
-    order = order[:at] + spr + order[at:]
+    bon = sorted((k for k in methods if k.startswith("bon_")), key=lambda k: int(k.split("_")[1]))
+    bon += [k for k in methods if k.startswith("soft_bon_")]
+    order = [k for k in ("vanilla",) if k in methods] + bon + [k for k in methods if k.startswith("spr_")] + \
+        [k for k in METHODS if k in methods and k != "vanilla"]  # SpR after the BoN rows it is measured against
     methods = {k: methods[k] for k in order}
     every = [a for group in (quality, latency) for arts in group.values() for a in arts]
     return dict(eval_prompts=len(prompts), search_prompts=min(s.search_prompts, len(prompts)),

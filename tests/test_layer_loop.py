@@ -102,3 +102,48 @@ def test_unroll_policy(monkeypatch):
     monkeypatch.setenv(base.LAYER_LOOP_ENV, "fast")
     with pytest.raises(ValueError, match="RSS_JAX_LAYER_LOOP='fast'.*auto, unroll or scan"):
         base.unroll_layers(1)
+
+
+def test_write_block_matches_a_numpy_loop_and_drops_slots_past_capacity():
+    """The cache writer against a plain loop: each row's T new entries land at lengths[b].., the rest of the cache is
+    untouched, and entries at or past the capacity are dropped (a clamped write would shift them onto valid slots).
+    Both forms: one layer's cache, and one layer of a stacked cache."""
+    from rss_jax.cache import write_block
+    rng = np.random.default_rng(0)
+    L, B, S, KVH, D, T = 3, 4, 6, 2, 3, 3
+    stacked = rng.normal(size=(L, B, S, KVH, D)).astype(np.float32)
+    new = rng.normal(size=(B, T, KVH, D)).astype(np.float32)
+    lengths = np.array([0, 2, 4, 6], np.int32)  # row 2 overflows by one, row 3 entirely
+
+    def oracle(c):
+        c = c.copy()
+        for b in range(B):
+            for t in range(T):
+                if lengths[b] + t < S:
+                    c[b, lengths[b] + t] = new[b, t]
+        return c
+    got_one = np.asarray(jax.jit(write_block)(jnp.asarray(stacked[1]), jnp.asarray(new), jnp.asarray(lengths)))
+    np.testing.assert_array_equal(got_one, oracle(stacked[1]))
+    got = np.asarray(jax.jit(write_block, static_argnums=3)(jnp.asarray(stacked), jnp.asarray(new),
+                                                            jnp.asarray(lengths), 1))
+    np.testing.assert_array_equal(got[1], oracle(stacked[1]))
+    np.testing.assert_array_equal(got[[0, 2]], stacked[[0, 2]])
+
+
+def test_fused_short_attention_equals_the_einsum_path():
+    """The CPU path for a few new tokens over a cache against the general einsum path, on random inputs with ragged
+    per-row lengths (so the mask matters), at T = 1 and T = 5 (a verification block)."""
+    from rss_jax.models import layers
+    rng = np.random.default_rng(1)
+    B, S, KVH, G, D = 3, 11, 2, 3, 8
+    keys = jnp.asarray(rng.normal(size=(B, S, KVH, D)), jnp.float32)
+    values = jnp.asarray(rng.normal(size=(B, S, KVH, D)), jnp.float32)
+    for t, lengths in ((1, [0, 4, 10]), (5, [0, 3, 6])):
+        qg = jnp.asarray(rng.normal(size=(B, t, KVH, G, D)), jnp.float32)
+        q_slot = jnp.asarray(lengths)[:, None] + jnp.arange(t)[None, :]
+        mask = jnp.arange(S)[None, None, :] <= q_slot[:, :, None]
+        got = layers._fused_short_attention(qg, keys, values, mask)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys) / np.sqrt(D)
+        scores = jnp.where(mask[:, None, None], scores, -1e30)
+        want = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(scores, -1), values)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
