@@ -68,7 +68,8 @@ def markdown(summary: dict, wall_png: str, fw_png: str) -> str:
         f"* **Target:** {s['model']}, the strong unaligned model. **Drafts:** the shipped SFT and aligned "
         "feature-draft heads (rows with `v2` use the separate-model v2 drafts).",
         f"* **Prompts:** the first {summary['eval_prompts']} requests of `data/prompts_eval.jsonl` (topics no "
-        f"draft saw in training); BoN({s['n_max']}), the smaller BoN and Speculative Rejection ran on the first "
+        f"draft saw in training); BoN({s['n_max']}), the smaller BoN, Speculative Rejection, TreeBoN, GSI, "
+        "RS and CARDS ran on the first "
         f"{summary['search_prompts']} of them.",
         f"* **Sampling:** T {s['temperature']}, {s['new_tokens']} new tokens at most (EOS ends a response), K "
         f"{s['k']}; top-k {s['top_k']} on the target for vanilla, BoN, SpR, RS, CARDS, TreeBoN, GSI and RSD, on the "
