@@ -22,9 +22,8 @@ $(STAMP): $(BASE)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# the demo needs torch too: transformers reads the built-in model's tokenizer from its GGUF file through
-# modeling_gguf_pytorch_utils, which imports torch (without it: "Could not import module 'read_gguf_metadata'")
-demo: $(STAMP)
+# the demo needs no PyTorch: rss_jax reads the built-in model's GGUF tokenizer itself (rss_jax/loading/tokenizer.py)
+demo: $(BASE)
 	$(PY) -m rss_jax.cli demo
 
 # re-make the shipped feature-draft heads of the built-in model (rss_jax/assets/heads; docs/feature_heads.md), in
@@ -51,7 +50,12 @@ drafts-v2: $(STAMP)
 
 # the weak-to-strong evaluation (docs/RESULTS.md, docs/results/weak_to_strong.json): every method on 100 held-out
 # prompts of the built-in model; about 90 minutes on two cores, resumable (finished chunks under runs/w2s are kept)
-w2s: $(STAMP)
+W2S := $(VENV)/.installed-w2s
+$(W2S): $(BASE)
+	$(PY) -m pip install --quiet -e ".[w2s]"
+	touch $(W2S)
+
+w2s: $(W2S)
 	$(PY) -m rss_jax.cli w2s
 
 test: $(STAMP)

@@ -510,6 +510,8 @@ def error_line(e: BaseException, args) -> tuple[str, int]:
         fix = "pass --overwrite to replace it or choose another output"
     elif isinstance(e, (IsADirectoryError, NotADirectoryError, PermissionError, UnicodeDecodeError)):
         fix = "check the path and its permissions"
+    elif isinstance(e, FloatingPointError):  # a diverged training run
+        fix = "lower --learning-rate or raise --grad-accum"
     elif isinstance(e, ValueError):
         fix = f"see `rss-jax {command} --help`" if command else "see `rss-jax --help`"
     else:

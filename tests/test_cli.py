@@ -366,3 +366,52 @@ def test_help_examples_and_bench(monkeypatch, capsys):
     assert main(["bench", "decode", "--batch", "1", "--help"]) == 0
     assert calls[0][1].endswith(os.path.join("scripts", "bench_decode.py")) and calls[0][2:] == ["--batch", "1",
                                                                                                   "--help"]
+
+
+def test_train_errors_name_the_problem_and_the_fix(tiny_checkpoints, tmp_path, capsys):
+    """`rss-jax train dpo` on bad data: one line with the file, the line number where there is one and a fix after
+    the semicolon; exit 2; no output folder left behind."""
+    src = tiny_checkpoints["llama_mqa_tied"][0]
+    good = {"prompt_ids": [3, 4, 5], "chosen_ids": [6, 7], "rejected_ids": [8, 9]}
+    files = {
+        "malformed": '{"prompt_ids": [3, 4]}\n{"prompt_ids": [3, 4],}\n',
+        "not_object": json.dumps(good) + "\n[1, 2]\n",
+        "empty": "\n\n",
+        "no_prompt": json.dumps({"chosen_ids": [6], "rejected_ids": [7]}) + "\n",
+        "no_rejected": json.dumps({"prompt_ids": [3], "chosen_ids": [6]}) + "\n",
+        "empty_response": json.dumps({**good, "chosen_ids": []}) + "\n",
+        "ids_not_ints": json.dumps({**good, "rejected_ids": ["a"]}) + "\n",
+        "outside_vocab": json.dumps({**good, "chosen_ids": [6, 10 ** 6]}) + "\n",
+        "text_no_tokenizer": json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n",
+    }
+    expected = {
+        "malformed": ("malformed.jsonl:2: malformed JSON", "one JSON object per line"),
+        "not_object": ("not_object.jsonl:2: expected a JSON object", "write one object per line"),
+        "empty": ("holds no examples", "add one JSON object per line"),
+        "no_prompt": ("no_prompt.jsonl:1: missing field 'prompt'", "add the prompt"),
+        "no_rejected": ("no_rejected.jsonl:1: missing field 'rejected'", "dpo data needs"),
+        "empty_response": ("empty_response.jsonl:1: empty response 'chosen_ids'", "drop the line"),
+        "ids_not_ints": ("'rejected_ids' must be a list of integer token ids", "give a list such as"),
+        "outside_vocab": ("token id 1000000 outside the vocabulary", "re-tokenise"),
+        "text_no_tokenizer": ("is text but the model has no tokenizer", "as a list of token ids instead"),
+    }
+    cases = []
+    for name, text in files.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(text)
+        cases.append((["--data", str(path)], expected[name]))
+    cases.append((["--data", str(tmp_path / "nope.jsonl")], ("nope.jsonl: no such data file", "check the --data")))
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps(good) + "\n")
+    cases.append((["--data", str(ok), "--steps", "0"], ("argument --steps: must be >= 1", "rss-jax train dpo --help")))
+    cases.append((["--data", str(ok), "--learning-rate", "x"], ("argument --learning-rate: expected a number", "--help")))
+    cases.append((["--data", str(ok), "--label-smoothing", "0.7"], ("must be <= 0.5", "--help")))
+    for extra, (problem, fix) in cases:
+        out = tmp_path / "run"
+        capsys.readouterr()
+        argv = ["train", "dpo", "--policy", src, "--output", str(out), "--no-progress"] + extra
+        argv += [] if "--steps" in extra else ["--steps", "2"]
+        assert main(argv) == 2, extra
+        line = one_error_line(capsys.readouterr().err)
+        assert problem in line and fix in line and "; " in line, (extra, line)
+        assert not out.exists(), extra

@@ -92,3 +92,49 @@ def test_shipped_heads(smollm):
                       temperature=0.8, eos=[], seed=0)
     print(f"shipped SFT head: alpha_hat {out.stats['alpha_hat']:.3f}, by offset {out.stats['acceptance_by_offset']}")
     assert out.stats["alpha_hat"] > 0.3
+
+
+def test_gguf_tokenizer_equals_transformers_gguf_reader(smollm_path):
+    """rss_jax reads the GGUF tokenizer itself (no PyTorch); transformers' GGUF reader is the oracle: the same ids,
+    the same decoded text and the same chat transcript on every evaluation prompt and on awkward strings."""
+    import json
+    import os
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from rss_jax.loading.tokenizer import gguf_tokenizer
+    ours = gguf_tokenizer(smollm_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoTokenizer.from_pretrained(os.path.dirname(smollm_path), gguf_file=os.path.basename(smollm_path))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(here, "data", "prompts_eval.jsonl")) as f:
+        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    odd = ["", " ", "  two  spaces\n\n\tand a tab", "digits 1234567 and 3.14159", "don't we'll they've I'M",
+           "émoji 🤖 ünïcödé 中文 العربية", "<|im_start|>user\nhi<|im_end|>\n", "<|endoftext|>x<repo_name>", "a" * 300]
+    for text in prompts + odd:
+        ids = ours(text).input_ids
+        assert ids == ref(text).input_ids, text
+        assert ours.decode(ids) == ref.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    for prompt in prompts[:20]:
+        chat = [{"role": "user", "content": prompt}]
+        assert (ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+                == ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+    assert ours.get_vocab() == ref.get_vocab()
+    assert ours.special_tokens_map == ref.special_tokens_map
+    assert sorted(ours.all_special_ids) == sorted(ref.all_special_ids)
+
+
+def test_gguf_tokenizer_needs_no_torch(smollm_path):
+    """The built-in model's tokenizer loads with PyTorch unimportable (the demo's install has no torch)."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from rss_jax.loading.tokenizer import gguf_tokenizer\n"
+            f"t = gguf_tokenizer({smollm_path!r})\n"
+            "print(t('Hello world').input_ids)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[19556, 905]"

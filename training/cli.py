@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from rss_jax.cli import NONNEG_FLOAT, NONNEG_INT, POS_FLOAT, POS_INT, number
+
+INT = number(int)
 
 HELP = {
     "sft": "supervised fine-tuning: masked cross-entropy on the response tokens",
@@ -25,30 +28,30 @@ def _head_parser(p: argparse.ArgumentParser, mode: str):
     g.add_argument("--data", required=True, help="JSONL: prompt(_ids) + response(_ids) (head-distill: the "
                    "target's own samples, e.g. from scripts/sample_target.py) or prompt + chosen + rejected (head-dpo)")
     g.add_argument("--output", required=True, help="run folder: checkpoints/, metrics.jsonl, final/ (the head)")
-    g.add_argument("--steps", type=int, required=True)
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per step (head-dpo: 2 x pairs)")
-    g.add_argument("--learning-rate", type=float, default=1e-3 if mode == "head-distill" else 1e-4)
-    g.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--ttt-steps", type=int, default=3, help="drafting steps in the multi-step loss")
-    g.add_argument("--temperature", type=float, default=0.8, help="the decoding temperature the head is fit at")
-    g.add_argument("--max-length", type=int, default=512)
-    g.add_argument("--stop-after", type=int, default=None, metavar="M")
+    g.add_argument("--steps", type=POS_INT, required=True)
+    g.add_argument("--batch-size", type=POS_INT, default=16, help="sequences per step (head-dpo: 2 x pairs)")
+    g.add_argument("--learning-rate", type=POS_FLOAT, default=1e-3 if mode == "head-distill" else 1e-4)
+    g.add_argument("--warmup-steps", type=NONNEG_INT, default=None, help="default: 10%% of --steps")
+    g.add_argument("--seed", type=INT, default=0)
+    g.add_argument("--ttt-steps", type=POS_INT, default=3, help="drafting steps in the multi-step loss")
+    g.add_argument("--temperature", type=POS_FLOAT, default=0.8, help="the decoding temperature the head is fit at")
+    g.add_argument("--max-length", type=number(int, 2), default=512)
+    g.add_argument("--stop-after", type=POS_INT, default=None, metavar="M")
     g.add_argument("--resume", action="store_true")
-    g.add_argument("--save-every", type=int, default=0, metavar="N")
+    g.add_argument("--save-every", type=NONNEG_INT, default=0, metavar="N")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     if mode == "head-distill":
         g.add_argument("--taps", default=None, help="target layers the head reads, e.g. '2,15,29' "
                        "(default: a low, a middle and a high layer)")
-        g.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (0 = the full vocabulary)")
+        g.add_argument("--vocab", type=NONNEG_INT, default=8192, help="draft vocabulary size (0 = the full vocabulary)")
         g.add_argument("--init", default=None, help="start from this head folder")
-        g.add_argument("--tv-weight", type=float, default=0.0, help="weight of 1 - acceptance added to the KL")
+        g.add_argument("--tv-weight", type=NONNEG_FLOAT, default=0.0, help="weight of 1 - acceptance added to the KL")
         g.add_argument("--eval-data", default=None, help="held-out samples: per-offset acceptance at the end")
-        g.add_argument("--eval-every", type=int, default=0)
+        g.add_argument("--eval-every", type=NONNEG_INT, default=0)
     else:
         g.add_argument("--sft", required=True, help="the SFT head: the starting point and the frozen reference")
-        g.add_argument("--beta", type=float, default=0.1)
-        g.add_argument("--consistency", type=float, default=1.0,
+        g.add_argument("--beta", type=POS_FLOAT, default=0.1)
+        g.add_argument("--consistency", type=NONNEG_FLOAT, default=1.0,
                        help="weight of KL(step-1 || fed-back steps) that keeps multi-step drafting accurate")
 
 
@@ -57,17 +60,17 @@ def _common(p: argparse.ArgumentParser):
     g.add_argument("--policy", required=True, help="model to train: HF folder, .gguf, rss_jax Orbax folder or built-in")
     g.add_argument("--data", required=True, help="JSONL training data (see training/data.py for the fields)")
     g.add_argument("--output", required=True, help="run folder: checkpoints/, metrics.jsonl, final/")
-    g.add_argument("--steps", type=int, required=True, help="length of the run and of the learning-rate schedule")
-    g.add_argument("--batch-size", type=int, default=4, help="examples (DPO: pairs) per microbatch")
-    g.add_argument("--grad-accum", type=int, default=1, help="microbatches per optimizer step")
-    g.add_argument("--learning-rate", type=float, default=1e-5, help="peak learning rate")
-    g.add_argument("--seed", type=int, default=0, help="data order and PRNG seed")
-    g.add_argument("--stop-after", type=int, default=None, metavar="M",
+    g.add_argument("--steps", type=POS_INT, required=True, help="length of the run and of the learning-rate schedule")
+    g.add_argument("--batch-size", type=POS_INT, default=4, help="examples (DPO: pairs) per microbatch")
+    g.add_argument("--grad-accum", type=POS_INT, default=1, help="microbatches per optimizer step")
+    g.add_argument("--learning-rate", type=POS_FLOAT, default=1e-5, help="peak learning rate")
+    g.add_argument("--seed", type=INT, default=0, help="data order and PRNG seed")
+    g.add_argument("--stop-after", type=POS_INT, default=None, metavar="M",
                    help="end after step M with a checkpoint, as an interruption would; --resume continues")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    g.add_argument("--save-every", type=int, default=0, metavar="N",
+    g.add_argument("--save-every", type=NONNEG_INT, default=0, metavar="N",
                    help="checkpoint every N steps (always at the last step run)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0 = all)")
+    g.add_argument("--keep-checkpoints", type=NONNEG_INT, default=2, help="newest checkpoints kept (0 = all)")
     g.add_argument("--no-export", dest="export", action="store_false",
                    help="do not write <output>/final at the end of the run")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -80,14 +83,14 @@ def _common(p: argparse.ArgumentParser):
                    "SLURM; elsewhere set RSS_JAX_COORDINATOR=host:port, RSS_JAX_NUM_PROCESSES, RSS_JAX_PROCESS_ID); "
                    "start the same command on every process")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 10%% of --steps)")
-    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor as a fraction of the peak")
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm clipping (0 = off)")
+    o.add_argument("--warmup-steps", type=NONNEG_INT, default=None, help="linear warm-up steps (default: 10%% of --steps)")
+    o.add_argument("--min-lr-ratio", type=number(float, 0, 1), default=0.1, help="cosine decay floor as a fraction of the peak")
+    o.add_argument("--weight-decay", type=NONNEG_FLOAT, default=0.0)
+    o.add_argument("--max-grad-norm", type=NONNEG_FLOAT, default=1.0, help="global-norm clipping (0 = off)")
     o.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="forward dtype (master weights stay float32)")
     d = p.add_argument_group("data")
-    d.add_argument("--max-length", type=int, default=512, help="prompt + response tokens per sequence")
+    d.add_argument("--max-length", type=number(int, 2), default=512, help="prompt + response tokens per sequence")
     d.add_argument("--no-chat-template", dest="chat", action="store_false",
                    help="tokenize text fields plainly instead of through the chat template")
     d.add_argument("--no-shuffle", dest="shuffle", action="store_false")
@@ -110,15 +113,15 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
             p.add_argument("--teacher", required=True, help="the model whose distributions the policy learns")
             p.add_argument("--distill-loss", choices=("kl", "tv"), default="kl",
                            help="KL(teacher||policy) or total variation (1 - TV = speculative acceptance)")
-            p.add_argument("--ce-weight", type=float, default=0.0, help="weight of the response cross-entropy added")
-            p.add_argument("--head-vocab", type=int, default=None, metavar="N",
+            p.add_argument("--ce-weight", type=NONNEG_FLOAT, default=0.0, help="weight of the response cross-entropy added")
+            p.add_argument("--head-vocab", type=POS_INT, default=None, metavar="N",
                            help="trim the student's output head to N tokens (training.draft_vocabulary: half the data's "
                            "most frequent response tokens, half the lowest ids, + EOS): a cheaper draft step")
         if mode == "dpo":
             p.add_argument("--reference", default=None, help="reference model (default: frozen copy of --policy)")
-            p.add_argument("--beta", type=float, default=0.1)
+            p.add_argument("--beta", type=POS_FLOAT, default=0.1)
             p.add_argument("--loss-type", choices=("sigmoid", "ipo", "hinge"), default="sigmoid")
-            p.add_argument("--label-smoothing", type=float, default=0.0)
+            p.add_argument("--label-smoothing", type=number(float, 0, 0.5), default=0.0)
             p.add_argument("--reference-mode", choices=("precompute", "online"), default="precompute",
                            help="reference log-probs in one pass before training, or inside every step")
     train.set_defaults(func=run_train)
@@ -147,6 +150,14 @@ def config_from_args(args):
     return TrainConfig(**kw)
 
 
+def _report(e: BaseException, args) -> int:
+    """The command line's one error line (the problem and its fix) for an expected training failure; exit 2."""
+    from rss_jax.cli import error_line, one_line
+    line, _ = error_line(e, args)
+    one_line(line)
+    return 2
+
+
 def run_train(args) -> int:
     """Run `train <mode>` from parsed arguments; prints a one-line JSON summary. Returns the exit code."""
     from rss_jax.loading.names import CheckpointError
@@ -159,9 +170,8 @@ def run_train(args) -> int:
         try:
             print(json.dumps(run_recipe(args)))
         except (DataError, CheckpointMismatch, CheckpointError, ConfigError, FileNotFoundError, FileExistsError,
-                ValueError) as e:
-            print(f"rss-jax train: error: {e}", file=sys.stderr)
-            return 2
+                FloatingPointError, ValueError) as e:
+            return _report(e, args)
         return 0
     from rss_jax.sharding import ShardingError, initialize, is_main_process
     try:
@@ -169,9 +179,8 @@ def run_train(args) -> int:
             initialize()
         result = train(config_from_args(args))
     except (DataError, CheckpointMismatch, CheckpointError, ConfigError, FileNotFoundError, FileExistsError,
-            ShardingError, ValueError) as e:
-        print(f"rss-jax train: error: {e}", file=sys.stderr)
-        return 2
+            FloatingPointError, ShardingError, ValueError) as e:
+        return _report(e, args)
     last = result.metrics[-1] if result.metrics else {}
     if not is_main_process():
         return 0

@@ -48,7 +48,7 @@ class Dataset:
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """[(line number, record)]; raises DataError naming the first malformed line."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such data file")
+        raise DataError(f"{path}: no such data file; check the --data path")
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -57,12 +57,15 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                                "fix that line: the file holds one JSON object per line") from None
             if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}; "
+                                'write one object per line, such as '
+                                '{"prompt": "...", "chosen": "...", "rejected": "..."}')
             records.append((lineno, rec))
     if not records:
-        raise DataError(f"{path}: the data file holds no examples")
+        raise DataError(f"{path}: the data file holds no examples; add one JSON object per line")
     return records
 
 
@@ -102,10 +105,12 @@ class Encoder:
 
 def _id_list(value, where: str, field: str, vocab_size: int) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise DataError(f"{where}: {field!r} must be a list of integer token ids")
+        raise DataError(f"{where}: {field!r} must be a list of integer token ids; give a list such as [12, 7, 99], or "
+                        f"the text in {field[:-4]!r}")
     bad = [v for v in value if not 0 <= v < vocab_size]
     if bad:
-        raise DataError(f"{where}: {field!r} holds token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        raise DataError(f"{where}: {field!r} holds token id {bad[0]} outside the vocabulary [0, {vocab_size}); "
+                        "the ids come from another tokenizer: re-tokenise with this model's tokenizer or give text")
     return value
 
 
@@ -127,19 +132,22 @@ def encode_records(records, kind: str, path: str, tokenizer=None, chat: bool = T
             value = rec[name]
             if name == "prompt" and isinstance(value, list):
                 if not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-                    raise DataError(f"{where}: a list 'prompt' must hold {{'role', 'content'}} messages")
+                    raise DataError(f"{where}: a list 'prompt' must hold {{'role', 'content'}} messages; write "
+                                    '[{"role": "user", "content": "..."}], or give the prompt as a string')
                 return value
             if not isinstance(value, str):
-                raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+                raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}; give text, or "
+                                f"token ids in {name + '_ids'!r}")
             return value
 
         if "prompt_ids" in rec:
-            prompt_ids, prompt_raw, prompt_text = _id_list(rec["prompt_ids"], where, "prompt_ids", vocab_size), None, None
+            prompt_ids = _id_list(rec["prompt_ids"], where, "prompt_ids", vocab_size)
+            prompt_raw = prompt_text = None
         elif "prompt" in rec:
             prompt_raw = text_field("prompt")
             prompt_ids, prompt_text = enc.prompt(prompt_raw)
         else:
-            raise DataError(f"{where}: missing field 'prompt' (or 'prompt_ids')")
+            raise DataError(f"{where}: missing field 'prompt' (or 'prompt_ids'); add the prompt text to that line")
         if not prompt_ids:
             raise DataError(f"{where}: empty prompt; the first response token needs at least one token before it")
         responses = []
@@ -147,11 +155,12 @@ def encode_records(records, kind: str, path: str, tokenizer=None, chat: bool = T
             if name + "_ids" in rec:
                 ids = _id_list(rec[name + "_ids"], where, name + "_ids", vocab_size)
                 if not ids:
-                    raise DataError(f"{where}: empty response {name + '_ids'!r}")
+                    raise DataError(f"{where}: empty response {name + '_ids'!r}; give at least one token or drop "
+                                    "the line")
             elif name in rec:
                 value = text_field(name)
                 if not value.strip():
-                    raise DataError(f"{where}: empty response {name!r}")
+                    raise DataError(f"{where}: empty response {name!r}; give some text or drop the line")
                 ids = enc.response(prompt_raw, prompt_text, value)
             else:
                 others = " and ".join(repr(f) for f in FIELDS[kind])
@@ -160,7 +169,8 @@ def encode_records(records, kind: str, path: str, tokenizer=None, chat: bool = T
             bad = [v for v in ids if not 0 <= v < vocab_size]
             if bad:
                 raise DataError(f"{where}: {name!r} encodes to token id {bad[0]} outside the vocabulary "
-                                f"[0, {vocab_size})")
+                                f"[0, {vocab_size}); the model's tokenizer and its vocabulary disagree: check the "
+                                "checkpoint")
             responses.append(list(ids))
         out.append((list(prompt_ids), responses))
     return out

@@ -101,7 +101,7 @@ def extract_features(target, records, taps, temperature: float = 0.8, width: int
     longest = max(len(s) for s in seqs)
     width = width or (-(-longest // 16) * 16)
     if longest > width:
-        raise ValueError(f"a record has {longest} tokens, more than width={width}")
+        raise ValueError(f"a record has {longest} tokens, more than width={width}; raise width or cut the record")
     n = len(seqs)
     tokens = np.zeros((n, width), np.int32)
     for i, s in enumerate(seqs):
@@ -408,7 +408,8 @@ def train_head(target, head: FeatureDraft, fs: FeatureSet, cfg: HeadTrainConfig,
     n_items = len(pairs) if mode == "dpo" else len(fs)
     per_batch = cfg.batch_size // 2 if mode == "dpo" else cfg.batch_size
     if n_items < per_batch:
-        raise ValueError(f"{n_items} training items, fewer than one batch of {per_batch}")
+        raise ValueError(f"{n_items} training items, fewer than one batch of {per_batch}; lower --batch-size or give "
+                         "more data")
     log, start = [], 0
     rng_key = jax.random.key(cfg.seed)
     metrics_path = os.path.join(cfg.output, "metrics.jsonl") if cfg.output else None
@@ -419,7 +420,8 @@ def train_head(target, head: FeatureDraft, fs: FeatureSet, cfg: HeadTrainConfig,
         os.makedirs(cfg.output, exist_ok=True)
         existing = ckpt.latest_checkpoint(cfg.output)
         if cfg.resume and existing is None:
-            raise FileNotFoundError(f"resume: {ckpt.checkpoint_dir(cfg.output)} holds no checkpoint")
+            raise FileNotFoundError(f"resume: {ckpt.checkpoint_dir(cfg.output)} holds no checkpoint; drop --resume "
+                                    "to start a new run")
         if not cfg.resume and existing is not None:
             raise FileExistsError(f"{cfg.output} already holds a run ({existing}); resume it or choose another "
                                   "output folder")
@@ -543,7 +545,8 @@ def run_recipe(args) -> dict:
         if args.init:
             head = rss_jax.load(args.init)
             if not getattr(head, "is_feature_head", False):
-                raise ValueError(f"--init {args.init!r} is not a feature-draft head folder")
+                raise ValueError(f"--init {args.init!r} is not a feature-draft head folder; give the folder a head "
+                                 "was saved to (`rss-jax train head-distill` writes OUTPUT/final)")
         else:
             taps = tuple(int(t) for t in args.taps.split(",")) if args.taps else None
             ids = None
@@ -555,7 +558,8 @@ def run_recipe(args) -> dict:
     else:
         reference = rss_jax.load(args.sft)
         if not getattr(reference, "is_feature_head", False):
-            raise ValueError(f"--sft {args.sft!r} is not a feature-draft head folder")
+            raise ValueError(f"--sft {args.sft!r} is not a feature-draft head folder; give the SFT head's folder "
+                             "(`rss-jax train head-distill` writes OUTPUT/final)")
         head = reference
         pairs = np.arange(len(records)).reshape(-1, 2)
     head.check_target(target)

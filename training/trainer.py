@@ -246,7 +246,7 @@ def _load(model, what: str, mesh=None, rules=None) -> LM:
     if isinstance(model, LM):
         return model
     if model is None:
-        raise ValueError(f"a {what} model is required")
+        raise ValueError(f"a {what} model is required; pass --{what} (a folder, a .gguf file or a built-in name)")
     return rss_jax.load(os.fspath(model), dtype="float32", mesh=mesh, rules=rules or sharding.DEFAULT_RULES)
 
 
@@ -306,11 +306,11 @@ def check_same_vocabulary(policy: LM, other: LM, role: str, other_name: str):
     same token -> id map."""
     if other.config.vocab_size != policy.config.vocab_size:
         raise ValueError(f"{role} {other_name!r} has a vocabulary of {other.config.vocab_size} tokens but the policy "
-                         f"has {policy.config.vocab_size}; the {role} must share the policy's tokenizer")
+                         f"has {policy.config.vocab_size}; pass a {role} that shares the policy's tokenizer")
     if policy.tokenizer is not None and other.tokenizer is not None \
             and policy.tokenizer.get_vocab() != other.tokenizer.get_vocab():
-        raise ValueError(f"{role} {other_name!r} has a different tokenizer (token -> id map) from the policy; the "
-                         f"{role} must share the policy's tokenizer")
+        raise ValueError(f"{role} {other_name!r} has a different tokenizer (token -> id map) from the policy; "
+                         f"fix: pass a {role} that shares the policy's tokenizer")
 
 
 def _file_digest(path: str) -> str:
