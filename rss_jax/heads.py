@@ -56,7 +56,17 @@ class FeatureDraft:
     source: str = ""
     dtype: str = "float32"
     tokenizer: object = None  # heads share their target's tokenizer; they carry none
+    quantize: str | None = None  # "int8" after `quantized("int8")` / `rss_jax.load(..., quantize="int8")`
     is_feature_head = True
+
+    def quantized(self, kind: str = "int8") -> "FeatureDraft":
+        """An int8 weight-only copy of the head (`FeatureHead.quantize_int8`), for decoding."""
+        if kind != "int8":
+            raise ValueError(f"quantize must be 'int8' or None, got {kind!r}")
+        model = nnx.merge(self.graphdef, self.state)
+        model.quantize_int8()
+        graphdef, state = nnx.split(model)
+        return dataclasses.replace(self, graphdef=graphdef, state=state, quantize=kind)
 
     @property
     def module(self):
@@ -90,6 +100,9 @@ class FeatureDraft:
     def save(self, path: str, overwrite: bool = False, dtype: str = "float32") -> str:
         """Write the head folder; `dtype` ("float32" or "float16") is the stored precision."""
         from safetensors.numpy import save_file
+        if self.quantize:
+            raise ValueError(f"this head was quantised to {self.quantize} for decoding and saves only in float; save "
+                             f"the head loaded without quantize=, and pass quantize={self.quantize!r} when loading it")
         if dtype not in ("float32", "float16"):
             raise ValueError(f"a head is stored as float32 or float16, not {dtype!r}")
         path = os.path.abspath(path)

@@ -31,6 +31,7 @@ class LM:
     tokenizer: object = None
     source: str = ""
     dtype: str = "float32"
+    quantize: str | None = None  # "int8" after `rss_jax.load(..., quantize="int8")`
 
     @property
     def mesh(self):
@@ -77,13 +78,18 @@ class LM:
 
     def save(self, path: str, overwrite: bool = False) -> str:
         """Write an Orbax folder that `rss_jax.load` reads back without re-conversion."""
+        if self.quantize:
+            raise ValueError(f"this model was quantised to {self.quantize} at load time and saves only in float; "
+                             f"save the model loaded without quantize=, and pass quantize={self.quantize!r} when "
+                             "loading it")
         flat = {k: np.asarray(v, dtype=np.float32) for k, v in sharding.to_host(self.params()).items()}
         return loading.orbax_io.save(path, self.config, flat, self.tokenizer, overwrite=overwrite)
 
     def __repr__(self):
         c = self.config
         return (f"LM({c.model_type or c.family}, layers={c.num_layers}, hidden={c.hidden_size}, "
-                f"vocab={c.vocab_size}, dtype={self.dtype}, source={self.source!r})")
+                f"vocab={c.vocab_size}, dtype={self.dtype}{', ' + self.quantize if self.quantize else ''}, "
+                f"source={self.source!r})")
 
 
 def from_params(config, flat: dict, tokenizer=None, dtype="float32", mesh=None, source="",
@@ -101,7 +107,25 @@ def from_params(config, flat: dict, tokenizer=None, dtype="float32", mesh=None, 
     return LM(config=config, graphdef=graphdef, state=abstract, tokenizer=tokenizer, source=source, dtype=dtype)
 
 
-def load(source: str, dtype: str = "float32", mesh=None, rules=sharding.DEFAULT_RULES) -> LM:
+QUANTIZE = (None, "int8")
+
+
+def quantize_lm(lm: LM, kind: str = "int8") -> LM:
+    """An int8 weight-only copy of `lm` (`CausalLM.quantize_int8`): layer matrices, token table and output head
+    int8 with one scale per output channel; everything else keeps its dtype. One device only."""
+    if kind != "int8":
+        raise ValueError(f"quantize must be 'int8' or None, got {kind!r}")
+    if lm.mesh is not None:
+        raise ValueError("int8 quantisation runs on one device; load without mesh= to quantise, or without "
+                         "quantize= to shard the model")
+    model = nnx.merge(lm.graphdef, lm.state)
+    model.quantize_int8()
+    graphdef, state = nnx.split(model)
+    return dataclasses.replace(lm, graphdef=graphdef, state=state, quantize=kind)
+
+
+def load(source: str, dtype: str = "float32", mesh=None, rules=sharding.DEFAULT_RULES,
+         quantize: str | None = None) -> LM:
     """Load a model from a Hugging Face folder (safetensors), a .gguf file, an rss_jax Orbax folder or a built-in name
     such as "smollm2-135m-instruct". Weights are converted to `dtype` ("float32" or "bfloat16").
     A feature-draft head folder (`FeatureDraft.save`) or a built-in head name ("smollm2-135m-instruct-head-sft",
@@ -110,9 +134,25 @@ def load(source: str, dtype: str = "float32", mesh=None, rules=sharding.DEFAULT_
     With `mesh` (`rss_jax.sharding.make_mesh`) each weight is placed straight into its sharding by its logical axes
     and `rules` (`rss_jax.sharding.Rules`): every process copies only its own shards from the host arrays, and a mesh
     axis that does not divide a dimension it shards raises `rss_jax.sharding.ShardingError`. Feature-draft heads
-    (a few million parameters) are replicated over the mesh."""
+    (a few million parameters) are replicated over the mesh.
+
+    `quantize="int8"` stores the layer matrices, the token table and the output head as int8 with one float scale
+    per output channel (weight-only: products widen the weights inside the product and compute in `dtype`; on CPU a
+    hand-written kernel, `rss_jax.kernels`). It applies to models, separate-model drafts and feature-draft heads,
+    on one device."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
+    if quantize is not None and mesh is not None:
+        raise ValueError("quantize='int8' runs on one device; drop mesh= to quantise, or quantize= to shard")
+    lm = _load(source, dtype, mesh, rules)
+    if quantize is None:
+        return lm
+    return lm.quantized(quantize) if not isinstance(lm, LM) else quantize_lm(lm, quantize)
+
+
+def _load(source: str, dtype: str, mesh, rules):
     from rss_jax import heads
     source = heads.resolve_builtin_head(os.fspath(source)) or os.fspath(source)
     if heads.is_head_folder(source):  # a feature-draft head (rss_jax.heads.FeatureDraft)

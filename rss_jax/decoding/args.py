@@ -27,7 +27,7 @@ from rss_jax.decoding import common
 from rss_jax.decoding.autoregressive import prefill, row_keys
 from rss_jax.decoding.best_of_n import SearchOutput
 from rss_jax.rewards import ModelReward, as_reward
-from rss_jax.models.base import decode_model
+from rss_jax.models.base import compute_dtype, decode_model
 
 @dataclasses.dataclass(frozen=True)
 class ArgsConfig:
@@ -70,7 +70,7 @@ def args_cached_loop(graphdef, rm_graphdef, cfg: ArgsConfig, state, rm_state, pr
     b, p = prompt_tokens.shape
     n, k = cfg.max_new_tokens, cfg.k
     last, cache = prefill(model, prompt_tokens, prompt_lens, p + n + 1)
-    dtype = jax.tree.leaves(rm_state)[0].dtype
+    dtype = compute_dtype(rm_state)
     rm_cache = init_cache(rm.backbone.config, b, p + n + 1, dtype)
     # the whole prompt goes into the reward model's cache; each step scores its k candidates as one cached step
     _, rm_cache = rm.backbone(prompt_tokens, cache=rm_cache, lengths=jnp.zeros((b,), jnp.int32), return_hidden=True)

@@ -16,7 +16,7 @@ from flax import nnx
 from rss_jax import sampling
 from rss_jax.cache import init_cache
 from rss_jax.decoding import common
-from rss_jax.models.base import decode_model
+from rss_jax.models.base import compute_dtype, decode_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ def row_keys(base_key, row_ids, position):
 def prefill(model, prompt_tokens, prompt_lens, capacity: int):
     """Write the prompts into a fresh cache. Returns (logits at each row's last prompt token [B, V], cache)."""
     b = prompt_tokens.shape[0]
-    dtype = jax.tree.leaves(nnx.state(model))[0].dtype
+    dtype = compute_dtype(model)
     cache = init_cache(model.config, b, capacity, dtype)
     logits, cache = model(prompt_tokens, cache=cache, lengths=jnp.zeros((b,), jnp.int32))
     last = jnp.take_along_axis(logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]

@@ -51,7 +51,7 @@ from rss_jax import sampling
 from rss_jax.cache import init_cache
 from rss_jax.decoding import common
 from rss_jax.models.feature_head import full_vocab
-from rss_jax.models.base import decode_model
+from rss_jax.models.base import compute_dtype, decode_model
 
 NEG = -1e9  # logit for vocabulary rows a model does not have (finite, so l_r - l_sft stays defined)
 
@@ -92,7 +92,7 @@ def fit_vocab(logits, vocab: int, usable: int | None = None):
 
 
 def _dtype(model):
-    return jax.tree.leaves(nnx.state(model))[0].dtype
+    return compute_dtype(model)
 
 
 def _is_head(model) -> bool:

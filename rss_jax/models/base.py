@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from rss_jax.cache import KVCache
+from rss_jax.kernels import dequantize_rows, int8_matmul, quantize_rows
 from rss_jax.models.config import check_token_ids
 from rss_jax.models.layers import default_positions
 
@@ -42,6 +43,15 @@ def unroll_layers(layer_bytes: int, float32: bool = True) -> bool:
     return 4 * layer_bytes <= host
 
 
+def compute_dtype(tree):
+    """The float dtype a model (or its state, or any pytree of its weights) computes in: its first floating leaf
+    (int8 weights of a quantised model are skipped; their scales carry the compute dtype)."""
+    for leaf in jax.tree.leaves(nnx.state(tree) if isinstance(tree, nnx.Module) else tree):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf.dtype
+    return jnp.float32
+
+
 def decode_model(graphdef, state):
     """nnx.merge for a function that runs the model inside a decode loop: where `unroll_layers` says so, each
     layer's weights are sliced out of the stacked arrays here, once, before the loop, so the loop body reads them
@@ -50,7 +60,8 @@ def decode_model(graphdef, state):
     if isinstance(model, CausalLM) and model.config.num_layers > 0:
         stacked = model.stacked_layer_params()
         size = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in stacked.values())
-        if unroll_layers(size, all(a.dtype == jnp.float32 for a in stacked.values())):
+        # int8 weights (with float32 scales) read like float32 ones: per-layer buffers pay there too
+        if unroll_layers(size, all(a.dtype in (jnp.float32, jnp.int8) for a in stacked.values())):
             per_layer = [{k: a[i] for k, a in stacked.items()} for i in range(model.config.num_layers)]
             # the barrier keeps XLA from sinking the slices back into the loop body
             per_layer = jax.lax.optimization_barrier(per_layer)
@@ -102,13 +113,67 @@ class CausalLM(nnx.Module):
         per_layer = self.__dict__.get("_layer_list")
         return per_layer if per_layer is not None else self.stacked_layer_params()
 
+    # int8 weight-only quantisation (`quantize_int8`): the [L, in, out] matrices of `layers` it stores as int8
+    # [L, out, in] with scales `<name>_scale` [L, out, in / 32] (`kernels.quantize_rows`), and the token table's name
+    QUANT_LAYER_PARAMS: tuple = ()
+    EMBED_TABLE = "embed_tokens"
+
+    def head_table_name(self) -> str:
+        """The attribute holding the output head's [V, E] rows (the token table when they are tied)."""
+        return self.EMBED_TABLE
+
+    def _table(self, name):
+        """(rows, per-row scales or None) of a [V, E] table attribute."""
+        scale = getattr(self, name + "_scale", None)
+        return getattr(self, name).value, (None if scale is None else scale.value)
+
+    def lookup(self, name, tokens):
+        """Rows `tokens` of table `name` ([..., E]), widened and scaled when the table is int8."""
+        w, scale = self._table(name)
+        rows = jnp.take(w, tokens, axis=0)
+        return rows if scale is None else dequantize_rows(rows, jnp.take(scale, tokens, axis=0), scale.dtype)
+
+    def dense_table(self, name):
+        w, scale = self._table(name)
+        return w if scale is None else dequantize_rows(w, scale, scale.dtype)
+
+    @property
+    def quantized(self) -> bool:
+        return getattr(self, self.EMBED_TABLE + "_scale", None) is not None
+
+    def quantize_int8(self) -> None:
+        """Replace the layer matrices, the token table and the output head by int8 copies with one scale per group
+        of 32 input weights of each output channel (symmetric, max |w| / 127), in place; norms, biases and positions stay in the model's dtype.
+        Products then widen the int8 weights inside the product (`rss_jax.kernels.int8_matmul`)."""
+        for name in self.QUANT_LAYER_PARAMS:
+            p = getattr(self.layers, name, None)
+            if p is None or p.value.dtype == jnp.int8:
+                continue
+            q, scale = quantize_rows(jnp.swapaxes(p.value, -1, -2))
+            setattr(self.layers, name, nnx.Param(q))
+            setattr(self.layers, name + "_scale", nnx.Param(scale.astype(p.value.dtype)))
+        tables = {self.EMBED_TABLE, self.head_table_name()} | ({"head_rows"} if self.config.head_token_ids else set())
+        for name in sorted(tables):
+            p = getattr(self, name, None)
+            if p is None or p.value.dtype == jnp.int8:
+                continue
+            q, scale = quantize_rows(p.value)
+            setattr(self, name, nnx.Param(q))
+            setattr(self, name + "_scale", nnx.Param(scale.astype(p.value.dtype)))
+
+    def head_weight(self):
+        """The output head's raw [V, E] rows (int8 after quantisation)."""
+        return getattr(self, self.head_table_name()).value
+
     def token_embeddings(self):
-        """The token embedding table [V, E] (what a feature-draft head embeds its input tokens with)."""
-        raise NotImplementedError(f"{type(self).__name__} does not expose a token embedding table")
+        """The token embedding table [V, E] in the model's dtype (what a feature-draft head embeds its input tokens
+        with); an int8 table is widened here, once per call of a decode loop."""
+        return self.dense_table(self.EMBED_TABLE)
 
     def output_matrix(self):
-        """The output head as [V, E] rows (tied or untied), for feature-draft heads that score with it."""
-        w = self.head_weight()
+        """The output head as [V, E] rows (tied or untied) in the model's dtype, for feature-draft heads that score
+        with it."""
+        w = self.dense_table(self.head_table_name())
         return w.T if self.head_transposed else w
 
     def init_trimmed_head(self, config, rngs: nnx.Rngs, dtype):
@@ -121,14 +186,17 @@ class CausalLM(nnx.Module):
     def unembed(self, h):
         ids = self.config.head_token_ids
         if ids:
-            logits = jnp.einsum("bte,ve->btv", h, self.head_rows.value.astype(h.dtype),
-                                preferred_element_type=jnp.float32)
+            rows, scale = self._table("head_rows")
+            logits = (int8_matmul(h, rows, scale, jnp.float32) if scale is not None else
+                      jnp.einsum("bte,ve->btv", h, rows.astype(h.dtype), preferred_element_type=jnp.float32))
             # scatter into the full vocabulary as a gather: slot len(ids) of the padded row holds -inf
             where = np.full((self.config.vocab_size,), len(ids), np.int32)
             where[np.asarray(ids)] = np.arange(len(ids), dtype=np.int32)
             padded = jnp.concatenate([logits, jnp.full(logits.shape[:-1] + (1,), -jnp.inf, jnp.float32)], -1)
             return jnp.take(padded, jnp.asarray(where), axis=-1)
-        w = self.head_weight()
+        w, scale = self._table(self.head_table_name())
+        if scale is not None:  # int8 rows [V, E]
+            return int8_matmul(h, w, scale, jnp.float32)
         if self.head_transposed:  # [E, V]
             return jnp.einsum("bte,ev->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
         return jnp.einsum("bte,ve->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)

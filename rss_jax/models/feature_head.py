@@ -22,6 +22,7 @@ from flax import nnx
 
 from rss_jax.models.base import normal_init
 from rss_jax.models.config import ConfigError, _freeze, check_token_ids
+from rss_jax.kernels import int8_matmul, quantize_rows
 from rss_jax.models.layers import activation, apply_rope, attention, default_positions, rms_norm, rope_inv_freq
 
 # the target fields a head is tied to: the ones that decide what its features and vocabulary mean
@@ -168,6 +169,27 @@ class FeatureHead(nnx.Module):
         self.w_down = nnx.Param(normal_init(rngs, (f, e), dtype))
         self.out_norm = nnx.Param(jnp.ones((e,), dtype))
 
+    # the [in, out] matrices that int8 quantisation stores as int8 [out, in] with grouped scales `<name>_scale`
+    QUANT_PARAMS = ("fuse_w", "in_proj", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+    def _lin(self, x, name):
+        """x [..., in] times the matrix `name` (float [in, out], or int8 [out, in] with its scales)."""
+        w, scale = getattr(self, name).value, getattr(self, name + "_scale", None)
+        if scale is None:
+            return jnp.einsum("...f,fe->...e", x, w.astype(x.dtype))
+        return int8_matmul(x, w, scale.value)
+
+    def quantize_int8(self) -> None:
+        """The head's matrices as int8 with one scale per group of 32 input weights (`kernels.quantize_rows`), in
+        place; norms stay in the head's dtype. For decoding only: training needs the float head."""
+        for name in self.QUANT_PARAMS:
+            p = getattr(self, name, None)
+            if p is None or p.value.dtype == jnp.int8:
+                continue
+            q, scale = quantize_rows(p.value.T)
+            setattr(self, name, nnx.Param(q))
+            setattr(self, name + "_scale", nnx.Param(scale.astype(p.value.dtype)))
+
     def fuse(self, taps):
         """Target features [B, T, n_taps, E] -> the head's input feature [B, T, E]: each tap RMS-normed, then one
         linear map over their concatenation (none for a single tap)."""
@@ -176,7 +198,7 @@ class FeatureHead(nnx.Module):
         b, t, n, e = normed.shape
         if n == 1:
             return normed[:, :, 0]
-        return jnp.einsum("btf,fe->bte", normed.reshape(b, t, n * e), self.fuse_w.value.astype(normed.dtype))
+        return self._lin(normed.reshape(b, t, n * e), "fuse_w")
 
     def __call__(self, feat, tokens, embed_table, out_rows=None, cache=None, lengths=None, positions=None):
         """feat [B, T, E] (fused target features, or the head's own fed-back outputs), tokens [B, T] (token t+1
@@ -204,7 +226,7 @@ class FeatureHead(nnx.Module):
         emb = jnp.take(embed_table, tokens, axis=0).astype(feat.dtype)
         x = jnp.concatenate([rms_norm(emb, self.embed_norm.value, eps), rms_norm(feat, self.feat_norm.value, eps)],
                             axis=-1)
-        return jnp.einsum("btf,fe->bte", x, self.in_proj.value)
+        return self._lin(x, "in_proj")
 
     def qkv(self, h, positions):
         """-> q [B, T, H, D], k and v [B, T, KVH, D] (rotary positions applied)."""
@@ -212,19 +234,18 @@ class FeatureHead(nnx.Module):
         b, t, _ = h.shape
         inv_freq = rope_inv_freq(cfg)
         y = rms_norm(h, self.attn_norm.value, cfg.norm_eps)
-        q = jnp.einsum("bte,ef->btf", y, self.wq.value).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = jnp.einsum("bte,ef->btf", y, self.wk.value).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = jnp.einsum("bte,ef->btf", y, self.wv.value).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = self._lin(y, "wq").reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self._lin(y, "wk").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self._lin(y, "wv").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def finish(self, h, o):
         """Residual stream [B, T, E] + attention output [B, T, H*D] -> the layer's output hidden states."""
         cfg = self.config
-        h = h + jnp.einsum("btf,fe->bte", o, self.wo.value)
+        h = h + self._lin(o, "wo")
         y = rms_norm(h, self.mlp_norm.value, cfg.norm_eps)
         act = activation(cfg.activation)
-        return h + jnp.einsum("btf,fe->bte", act(jnp.einsum("bte,ef->btf", y, self.w_gate.value))
-                              * jnp.einsum("bte,ef->btf", y, self.w_up.value), self.w_down.value)
+        return h + self._lin(act(self._lin(y, "w_gate")) * self._lin(y, "w_up"), "w_down")
 
     def logits(self, h, out_rows):
         """Output hidden states [B, T, E] -> logits over the draft vocabulary [B, T, |D|] float32."""

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rss_jax.models.base import CausalLM, normal_init
-from rss_jax.models.layers import activation, attention, layer_norm, params_of, scan_layers
+from rss_jax.models.layers import activation, attention, layer_norm, linear, params_of, scan_layers
 
 # logical axes of every parameter (rss_jax.sharding maps them to mesh axes); the fused QKV output is split over
 # "heads" as one dimension (q, k and v columns each divide evenly when the heads do)
@@ -43,6 +43,9 @@ class GPT2Layers(nnx.Module):
 
 
 class GPT2(CausalLM):
+    QUANT_LAYER_PARAMS = ("w_qkv", "w_o", "w_fc", "w_proj")
+    EMBED_TABLE = "wte"
+
     def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
         self.wte = nnx.Param(normal_init(rngs, (config.vocab_size, config.hidden_size), dtype))
@@ -53,7 +56,7 @@ class GPT2(CausalLM):
         self.init_trimmed_head(config, rngs, dtype)
 
     def embed(self, tokens, positions):
-        return jnp.take(self.wte.value, tokens, axis=0) + jnp.take(self.wpe.value, positions, axis=0)
+        return self.lookup("wte", tokens) + jnp.take(self.wpe.value, positions, axis=0)
 
     def layers_forward(self, h, positions, cache_k, cache_v, lengths, collect=False):
         cfg = self.config
@@ -64,13 +67,13 @@ class GPT2(CausalLM):
 
         def block(p, h, ck, cv):
             x = layer_norm(h, p["ln1_w"], p["ln1_b"], eps)
-            qkv = jnp.einsum("bte,ef->btf", x, p["w_qkv"]) + p["b_qkv"]
+            qkv = linear(x, p, "w_qkv") + p["b_qkv"]
             q, k, v = (a.reshape(b, t, nh, hd) for a in jnp.split(qkv, 3, axis=-1))
             o, ck, cv = attention(q, k, v, ck, cv, lengths)
-            h = h + jnp.einsum("btf,fe->bte", o, p["w_o"]) + p["b_o"]
+            h = h + linear(o, p, "w_o") + p["b_o"]
             x = layer_norm(h, p["ln2_w"], p["ln2_b"], eps)
-            x = act(jnp.einsum("bte,ef->btf", x, p["w_fc"]) + p["b_fc"])
-            h = h + jnp.einsum("btf,fe->bte", x, p["w_proj"]) + p["b_proj"]
+            x = act(linear(x, p, "w_fc") + p["b_fc"])
+            h = h + linear(x, p, "w_proj") + p["b_proj"]
             return h, ck, cv
 
         return scan_layers(block, self.layer_params(), h, cache_k, cache_v, collect)
@@ -81,8 +84,3 @@ class GPT2(CausalLM):
     def final(self, h):
         return layer_norm(h, self.ln_f_w.value, self.ln_f_b.value, self.config.norm_eps)
 
-    def token_embeddings(self):
-        return self.wte.value
-
-    def head_weight(self):
-        return self.wte.value

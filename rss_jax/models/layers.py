@@ -178,10 +178,22 @@ def default_positions(tokens, lengths):
 
 
 def params_of(module, names) -> dict:
-    """The raw arrays of a stacked-layer module's Params, by name (skipping ones the config left out)."""
+    """The raw arrays of a stacked-layer module's Params, by name (skipping ones the config left out); an int8
+    weight brings its per-channel scales as `<name>_scale`."""
     out = {}
     for n in names:
-        p = getattr(module, n, None)
-        if p is not None:
-            out[n] = p.value
+        for key in (n, n + "_scale"):
+            p = getattr(module, key, None)
+            if p is not None:
+                out[key] = p.value
     return out
+
+
+def linear(x, p: dict, name: str):
+    """x [..., in] times the layer weight `name` of `p`: a float [in, out] matrix, or (after int8 quantisation) an
+    int8 [out, in] matrix with float scales `<name>_scale` [out]."""
+    scale = p.get(name + "_scale")
+    if scale is None:
+        return jnp.einsum("...e,ef->...f", x, p[name])
+    from rss_jax.kernels import int8_matmul
+    return int8_matmul(x, p[name], scale)

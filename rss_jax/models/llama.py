@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rss_jax.models.base import CausalLM, normal_init
-from rss_jax.models.layers import activation, apply_rope, attention, params_of, rms_norm, rope_inv_freq, scan_layers
+from rss_jax.models.layers import (activation, apply_rope, attention, linear, params_of, rms_norm, rope_inv_freq,
+                                   scan_layers)
 
 # logical axes of every parameter (rss_jax.sharding maps them to mesh axes); per-layer weights lead with "layers"
 LOGICAL_AXES = {
@@ -47,6 +48,8 @@ class LlamaLayers(nnx.Module):
 
 
 class Llama(CausalLM):
+    QUANT_LAYER_PARAMS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
     def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
         self.embed_tokens = nnx.Param(normal_init(rngs, (config.vocab_size, config.hidden_size), dtype))
@@ -57,7 +60,7 @@ class Llama(CausalLM):
         self.init_trimmed_head(config, rngs, dtype)
 
     def embed(self, tokens, positions):
-        return jnp.take(self.embed_tokens.value, tokens, axis=0)
+        return self.lookup("embed_tokens", tokens)
 
     def layers_forward(self, h, positions, cache_k, cache_v, lengths, collect=False):
         cfg = self.config
@@ -69,21 +72,21 @@ class Llama(CausalLM):
         def block(p, h, ck, cv):
             with jax.named_scope("attention"):
                 x = rms_norm(h, p["attn_norm"], cfg.norm_eps)
-                q = jnp.einsum("bte,ef->btf", x, p["wq"])
-                k = jnp.einsum("bte,ef->btf", x, p["wk"])
-                v = jnp.einsum("bte,ef->btf", x, p["wv"])
+                q = linear(x, p, "wq")
+                k = linear(x, p, "wk")
+                v = linear(x, p, "wv")
                 if "bq" in p:
                     q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
                 q = apply_rope(q.reshape(b, t, nh, hd), positions, inv_freq)
                 k = apply_rope(k.reshape(b, t, kvh, hd), positions, inv_freq)
                 v = v.reshape(b, t, kvh, hd)
                 o, ck, cv = attention(q, k, v, ck, cv, lengths)
-                h = h + jnp.einsum("btf,fe->bte", o, p["wo"])
+                h = h + linear(o, p, "wo")
             with jax.named_scope("mlp"):
                 x = rms_norm(h, p["mlp_norm"], cfg.norm_eps)
-                gate = act(jnp.einsum("bte,ef->btf", x, p["w_gate"]))
-                up = jnp.einsum("bte,ef->btf", x, p["w_up"])
-                h = h + jnp.einsum("btf,fe->bte", gate * up, p["w_down"])
+                gate = act(linear(x, p, "w_gate"))
+                up = linear(x, p, "w_up")
+                h = h + linear(gate * up, p, "w_down")
             return h, ck, cv
 
         return scan_layers(block, self.layer_params(), h, cache_k, cache_v, collect)
@@ -94,8 +97,5 @@ class Llama(CausalLM):
     def final(self, h):
         return rms_norm(h, self.norm.value, self.config.norm_eps)
 
-    def token_embeddings(self):
-        return self.embed_tokens.value
-
-    def head_weight(self):
-        return self.embed_tokens.value if self.config.tie_word_embeddings else self.lm_head.value
+    def head_table_name(self):
+        return "embed_tokens" if self.config.tie_word_embeddings else "lm_head"

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rss_jax.models.base import CausalLM, normal_init
-from rss_jax.models.layers import activation, attention, layer_norm, params_of, scan_layers
+from rss_jax.models.layers import activation, attention, layer_norm, linear, params_of, scan_layers
 
 # logical axes of every parameter (rss_jax.sharding maps them to mesh axes)
 LOGICAL_AXES = {
@@ -42,6 +42,8 @@ class OPTLayers(nnx.Module):
 
 
 class OPT(CausalLM):
+    QUANT_LAYER_PARAMS = ("wq", "wk", "wv", "wo", "w_fc1", "w_fc2")
+
     def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
         e, w = config.hidden_size, config.embed_dim
@@ -58,7 +60,7 @@ class OPT(CausalLM):
         self.init_trimmed_head(config, rngs, dtype)
 
     def embed(self, tokens, positions):
-        h = jnp.take(self.embed_tokens.value, tokens, axis=0)
+        h = self.lookup("embed_tokens", tokens)
         if self.config.word_embed_proj_dim:
             h = jnp.einsum("btw,we->bte", h, self.project_in.value)
         pos = jnp.take(self.embed_positions.value, positions + self.config.position_offset, axis=0)
@@ -74,14 +76,14 @@ class OPT(CausalLM):
         def block(p, h, ck, cv):
             x = layer_norm(h, p["attn_ln_w"], p["attn_ln_b"], eps) if pre else h
             q, k, v = (
-                (jnp.einsum("bte,ef->btf", x, p["w" + n]) + p["b" + n]).reshape(b, t, nh, hd) for n in "qkv")
+                (linear(x, p, "w" + n) + p["b" + n]).reshape(b, t, nh, hd) for n in "qkv")
             o, ck, cv = attention(q, k, v, ck, cv, lengths)
-            h = h + jnp.einsum("btf,fe->bte", o, p["wo"]) + p["bo"]
+            h = h + linear(o, p, "wo") + p["bo"]
             if not pre:
                 h = layer_norm(h, p["attn_ln_w"], p["attn_ln_b"], eps)
             x = layer_norm(h, p["mlp_ln_w"], p["mlp_ln_b"], eps) if pre else h
-            x = act(jnp.einsum("bte,ef->btf", x, p["w_fc1"]) + p["b_fc1"])
-            h = h + jnp.einsum("btf,fe->bte", x, p["w_fc2"]) + p["b_fc2"]
+            x = act(linear(x, p, "w_fc1") + p["b_fc1"])
+            h = h + linear(x, p, "w_fc2") + p["b_fc2"]
             if not pre:
                 h = layer_norm(h, p["mlp_ln_w"], p["mlp_ln_b"], eps)
             return h, ck, cv
@@ -98,8 +100,3 @@ class OPT(CausalLM):
             h = jnp.einsum("bte,ew->btw", h, self.project_out.value)
         return h
 
-    def token_embeddings(self):
-        return self.embed_tokens.value
-
-    def head_weight(self):
-        return self.embed_tokens.value
