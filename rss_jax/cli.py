@@ -261,7 +261,11 @@ def model_info(source: str) -> dict:
     else:
         config, _ = read_hf_config(path)
         tokenizer, kind = load_tokenizer(path), "Hugging Face folder"
-    n = int(sum(math.prod(s.shape) for s in loading.flatten_targets(config).values()))
+    targets = loading.flatten_targets(config)
+    n = int(sum(math.prod(s.shape) for s in targets.values()))
+    # --quantize int8: matrices at one byte plus a float32 scale per 32 weights; norms, biases, positions float32
+    matrices = sum(math.prod(s.shape) for k, s in targets.items() if len(s.shape) >= 2 and not any(
+        p in k for p in ("wpe", "embed_positions", "project_in", "project_out", "norm")))
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if isinstance(template, dict):  # several named templates
         template = template.get("default") or next(iter(template.values()), None)
@@ -273,7 +277,8 @@ def model_info(source: str) -> dict:
             "embedding rows": config.vocab_size, "context": config.max_position_embeddings,
             "tokenizer": "yes" if tokenizer is not None else "no (prompts must be token ids)",
             "chat template": f"yes: {first[:100]}" if template else "no",
-            "memory float32": _size(4 * n), "memory bfloat16": _size(2 * n)}
+            "memory float32": _size(4 * n), "memory bfloat16": _size(2 * n),
+            "memory int8 (--quantize)": _size(int(matrices * (1 + 4 / 32) + 4 * (n - matrices)))}
 
 
 def cmd_info(args) -> int:

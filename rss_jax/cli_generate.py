@@ -101,6 +101,8 @@ def add_generate_parser(sub, decorate):
     m.add_argument("--reward", help="reward methods: vader (default), a reward-model folder, or FILE.py:NAME / "
                    "module:NAME, a function f(prompt_ids, response_ids) -> floats")
     m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    m.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantisation of --model, --draft and "
+                   "--sft at load time (one scale per 32 weights; products in --dtype); one device only")
     m.add_argument("--mesh", type=mesh_spec, help="place the weights on a device mesh, e.g. data=2,tensor=4")
     m.add_argument("--distributed", action="store_true",
                    help="multi-process run (TPU pod, SLURM, several GPUs hosts): start the same command on every "
@@ -222,7 +224,8 @@ def settings_hash(args, draft, sft, knobs, sampling) -> str:
     d = {"model": _ident(args.model), "draft": _ident(draft), "sft": _ident(sft),
          "reward": _ident(args.reward) if args.method in REWARD_METHODS else None, "method": args.method,
          "mode": args.mode, "knobs": knobs, "sampling": sampling, "max_new_tokens": args.max_new_tokens,
-         "seed": args.seed, "chat": not args.no_chat, "dtype": args.dtype, "batch_size": args.batch_size}
+         "seed": args.seed, "chat": not args.no_chat, "dtype": args.dtype, "batch_size": args.batch_size,
+         **({"quantize": args.quantize} if args.quantize else {})}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -713,12 +716,14 @@ def cmd_generate(args) -> int:
     check_mesh_batches(mesh, len(rows), args.batch_size)
     if note and main:
         print(f"rss-jax: {note}", file=sys.stderr)
-    lm = rj.load(args.model, dtype=args.dtype, mesh=mesh)
+    if args.quantize and mesh is not None:
+        raise CLIError("--quantize runs on one device", "drop --mesh, or drop --quantize to shard the model")
+    lm = rj.load(args.model, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
     if _is_head(lm):
         raise CLIError(f"--model {args.model} is a feature-draft head", "give the full model as --model and the "
                        "head as --draft")
-    draft = rj.load(draft_spec, dtype=args.dtype, mesh=mesh) if draft_spec else None
-    sft = rj.load(sft_spec, dtype=args.dtype, mesh=mesh) if sft_spec else None
+    draft = rj.load(draft_spec, dtype=args.dtype, mesh=mesh, quantize=args.quantize) if draft_spec else None
+    sft = rj.load(sft_spec, dtype=args.dtype, mesh=mesh, quantize=args.quantize) if sft_spec else None
     if args.method in ("gsi", "rsd") and _is_head(draft):
         raise CLIError(f"--draft {draft_spec} is a feature-draft head but --method {args.method} needs a separate "
                        "small model", "give a smaller model over --model's vocabulary")

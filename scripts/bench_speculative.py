@@ -107,6 +107,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--draft-top-k", type=int, default=None)
+    ap.add_argument("--int8", action="store_true", help="also run AR, EFT, SD and SSS of the sweep with the target "
+                    "and the heads loaded with quantize='int8' (rows marked int8; 'vs ar' is against float32 AR)")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_speculative.json"))
     args = ap.parse_args()
 
@@ -131,10 +133,12 @@ def main():
     reward = rj.rewards.vader_reward(lm.tokenizer)
     common = dict(max_new_tokens=args.new_tokens, temperature=args.temperature, eos=[])
 
-    def run(prompts, method, seed0=0, **kw):
+    def run(prompts, method, seed0=0, target=None, **kw):
         """Each prompt alone (batch 1) after one compile call; stats summed over prompts."""
-        rj.generate(lm, prompts[:1], method=method, seed=seed0, **kw, **common)  # compile
-        outs = [rj.generate(lm, [p], method=method, seed=seed0 + i, **kw, **common) for i, p in enumerate(prompts)]
+        target = target or lm
+        rj.generate(target, prompts[:1], method=method, seed=seed0, **kw, **common)  # compile
+        outs = [rj.generate(target, [p], method=method, seed=seed0 + i, **kw, **common)
+                for i, p in enumerate(prompts)]
         wall = sum(o.stats["wall_s"] for o in outs)
         new = sum(o.stats["new_tokens"] for o in outs)
         vader = [float(reward.score(o.prompt_ids, [o.tokens[0][:o.lengths[0]].tolist()])[0]) for o in outs]
@@ -190,17 +194,39 @@ def main():
                 rows.append(row2)
         print(table([{k2: v for k2, v in r.items() if k2 not in ("vader_all", "alpha_i")} for r in rows[-2:]]),
               flush=True)
-    cols = ["method", "draft", "K", "tok/s", "vs ar", "predicted vs ar", "vs eft", "alpha_hat", "alpha_i",
-            "tokens/target call", "VADER"]
+    for r in rows:
+        r["weights"] = "float32"
+    if args.int8:  # the same sweep with int8 weights (target and heads), against the float32 rows above
+        lm8 = rj.load("smollm2-135m-instruct", quantize="int8")
+        sft8, aligned8 = rj.load(args.sft_head, quantize="int8"), rj.load(args.aligned_head, quantize="int8")
+        ar8 = run(sweep, "ar", target=lm8)
+        eft8 = run(sweep, "eft", target=lm8, draft=aligned8, sft=sft8)
+        rows.append(dict(method="ar", draft="-", K=None, weights="int8", **ar8,
+                         **{"vs ar": ar8["tok/s"] / ar["tok/s"], "vs ar int8": 1.0}))
+        rows.append(dict(method="eft", draft="heads", K=None, weights="int8", **eft8,
+                         **{"vs ar": eft8["tok/s"] / ar["tok/s"], "vs ar int8": eft8["tok/s"] / ar8["tok/s"]}))
+        for k in args.k:
+            for method in ("sd", "sss"):
+                kw = dict(draft=sft8, k=k) if method == "sd" else dict(draft=aligned8, sft=sft8, k=k)
+                r = run(sweep, method, target=lm8, draft_top_k=args.draft_top_k, **kw)
+                row = dict(method=method, draft="heads", K=k, weights="int8", **r,
+                           **{"vs ar": r["tok/s"] / ar["tok/s"], "vs ar int8": r["tok/s"] / ar8["tok/s"]})
+                if method == "sss":
+                    row["vs eft"] = r["tok/s"] / eft8["tok/s"]
+                rows.append(row)
+            print(table([{k2: v for k2, v in r.items() if k2 not in ("vader_all", "alpha_i")} for r in rows[-2:]]),
+                  flush=True)
+    cols = ["method", "draft", "weights", "K", "tok/s", "vs ar", "vs ar int8", "predicted vs ar", "vs eft",
+            "alpha_hat", "alpha_i", "tokens/target call", "VADER"]
     title = (f"K sweep: batch 1, {len(sweep)} held-out prompts, {args.new_tokens} new tokens, T={args.temperature}, "
-             f"no EOS stop, float32; c = {c:.3f}; {machine()}")
+             f"no EOS stop, float32 (and int8 rows with --int8); c = {c:.3f}; {machine()}")
     print()
     print(table([{k2: (str(v) if k2 == "alpha_i" else v) for k2, v in r.items()} for r in rows], cols, title=title))
 
     # quality: the fastest SSS K of the sweep unless given
-    sss_rows = [r for r in rows if r["method"] == "sss" and r["draft"] == "heads"]
+    sss_rows = [r for r in rows if r["method"] == "sss" and r["draft"] == "heads" and r["weights"] == "float32"]
     qk = args.quality_k or max(sss_rows, key=lambda r: r["tok/s"])["K"]
-    sd_rows = [r for r in rows if r["method"] == "sd" and r["draft"] == "heads"]
+    sd_rows = [r for r in rows if r["method"] == "sd" and r["draft"] == "heads" and r["weights"] == "float32"]
     qk_sd = max(sd_rows, key=lambda r: r["tok/s"])["K"]
     qp = prompts[:args.quality_prompts]
     quality = []
