@@ -171,3 +171,15 @@ def test_quantize_errors(tiny_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="saves only in float"):
         head.save(str(tmp_path / "h"))
     assert not (tmp_path / "h").exists()
+
+
+def test_worked_example_of_the_docs():
+    """docs/algorithms.md §11: the group [0.5, -1.27, 0.02, 0, ...] and x = [1, 1, 1, 0, ...]."""
+    w = np.zeros((1, 32), np.float32)
+    w[0, :3] = [0.5, -1.27, 0.02]
+    q, s = kernels.quantize_rows(w)
+    assert np.asarray(q)[0, :4].tolist() == [50, -127, 2, 0]
+    np.testing.assert_allclose(np.asarray(s), [[0.01]], rtol=1e-6)
+    x = np.zeros((1, 32), np.float32)
+    x[0, :3] = 1
+    np.testing.assert_allclose(np.asarray(kernels.int8_matmul(jnp.asarray(x), q, s)), [[-0.75]], rtol=1e-5)
