@@ -264,8 +264,11 @@ def model_info(source: str) -> dict:
     targets = loading.flatten_targets(config)
     n = int(sum(math.prod(s.shape) for s in targets.values()))
     # --quantize int8: matrices at one byte plus a float32 scale per 32 weights; norms, biases, positions float32
-    matrices = sum(math.prod(s.shape) for k, s in targets.items() if len(s.shape) >= 2 and not any(
-        p in k for p in ("wpe", "embed_positions", "project_in", "project_out", "norm")))
+    from rss_jax.models import gpt2, llama, opt
+    quantised = {n for m in (llama.Llama, gpt2.GPT2, opt.OPT) for n in m.QUANT_LAYER_PARAMS}
+    tables = {"embed_tokens", "wte", "lm_head", "head_rows"}
+    matrices = sum(math.prod(s.shape) for k, s in targets.items()
+                   if (k.startswith("layers.") and k.split(".")[-1] in quantised) or k in tables)
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if isinstance(template, dict):  # several named templates
         template = template.get("default") or next(iter(template.values()), None)
@@ -510,7 +513,6 @@ def error_line(e: BaseException, args) -> tuple[str, int]:
         fix = "rss_jax reads Llama-family (Llama, Mistral, Qwen2, SmolLM), GPT-2 and OPT checkpoints"
     elif isinstance(e, FileNotFoundError):
         fix = f"check the path, or use a built-in model name ({BUILTIN_MODEL})"
-        with_fix = False
     elif isinstance(e, FileExistsError):
         fix = "pass --overwrite to replace it or choose another output"
     elif isinstance(e, (IsADirectoryError, NotADirectoryError, PermissionError, UnicodeDecodeError)):

@@ -194,6 +194,8 @@ def new_head(target, taps=None, token_ids=None, seed: int = 0, warm_start: bool 
     flat = flatten(nnx.to_pure_dict(nnx.state(module)))
     flat = {k: np.asarray(v) for k, v in flat.items()}
     if warm_start and cfg.family == "llama" and not cfg.qkv_bias:
+        from rss_jax.lm import refuse_quantized
+        refuse_quantized(target, "the target of a warm-started head")
         tp = {k: np.asarray(v, np.float32) for k, v in target.params().items()}
         last = cfg.num_layers - 1
         for name in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"):

@@ -110,9 +110,20 @@ def from_params(config, flat: dict, tokenizer=None, dtype="float32", mesh=None, 
 QUANTIZE = (None, "int8")
 
 
+def refuse_quantized(model, what: str = "the model") -> None:
+    """Raise a clear ValueError when `model` (an LM or a head) holds int8 weights: training and draft building need
+    the float weights."""
+    q = getattr(model, "quantize", None)
+    if q:
+        name = getattr(model, "source", "") or ""
+        raise ValueError(f"{what} {name!r} was loaded with quantize={q!r}, which is for decoding only; load it "
+                         "without quantize= to train it or to build a draft from it")
+
+
 def quantize_lm(lm: LM, kind: str = "int8") -> LM:
     """An int8 weight-only copy of `lm` (`CausalLM.quantize_int8`): layer matrices, token table and output head
-    int8 with one scale per output channel; everything else keeps its dtype. One device only."""
+    int8 with one scale per group of 32 input weights of each output channel; everything else keeps its dtype.
+    One device only."""
     if kind != "int8":
         raise ValueError(f"quantize must be 'int8' or None, got {kind!r}")
     if lm.mesh is not None:
@@ -136,10 +147,11 @@ def load(source: str, dtype: str = "float32", mesh=None, rules=sharding.DEFAULT_
     axis that does not divide a dimension it shards raises `rss_jax.sharding.ShardingError`. Feature-draft heads
     (a few million parameters) are replicated over the mesh.
 
-    `quantize="int8"` stores the layer matrices, the token table and the output head as int8 with one float scale
-    per output channel (weight-only: products widen the weights inside the product and compute in `dtype`; on CPU a
-    hand-written kernel, `rss_jax.kernels`). It applies to models, separate-model drafts and feature-draft heads,
-    on one device."""
+    `quantize="int8"` stores the layer matrices, the token table and the output head as int8 with one scale (in
+    `dtype`) per group of 32 input weights of each output channel (weight-only: products widen the weights inside
+    the product; on CPU a hand-written kernel, `rss_jax.kernels`, that computes in float32 for up to 64 rows, else
+    XLA's product in `dtype`). It applies to models, separate-model drafts and feature-draft heads, on one device;
+    the result is for decoding (training and `save` need the float model)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if quantize not in QUANTIZE:

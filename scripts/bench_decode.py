@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_decode.py                 # batch 1 and 8; float32, bfloat16 and int8; 128 tokens
     .venv/bin/python scripts/bench_decode.py --batch 1 --dtype float32 int8 --repeats 5
 
-`int8` is `rj.load(..., quantize="int8")`: int8 weights with per-channel scales, products in float32; its rows are
+`int8` is `rj.load(..., quantize="int8")`: int8 weights with a scale per 32 weights, products in float32; its rows are
 compared with transformers in float32 and with our own float32 row of the same batch ("vs float32"), and report the
 int8 model's logit error against float32 on five chat transcripts (a prompt and 128 greedy float32 tokens each): the
 max and mean absolute difference and the fraction of positions whose argmax agrees.

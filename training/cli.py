@@ -83,8 +83,10 @@ def _common(p: argparse.ArgumentParser):
                    "SLURM; elsewhere set RSS_JAX_COORDINATOR=host:port, RSS_JAX_NUM_PROCESSES, RSS_JAX_PROCESS_ID); "
                    "start the same command on every process")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--warmup-steps", type=NONNEG_INT, default=None, help="linear warm-up steps (default: 10%% of --steps)")
-    o.add_argument("--min-lr-ratio", type=number(float, 0, 1), default=0.1, help="cosine decay floor as a fraction of the peak")
+    o.add_argument("--warmup-steps", type=NONNEG_INT, default=None,
+                   help="linear warm-up steps (default: 10%% of --steps)")
+    o.add_argument("--min-lr-ratio", type=number(float, 0, 1), default=0.1,
+                   help="cosine decay floor as a fraction of the peak")
     o.add_argument("--weight-decay", type=NONNEG_FLOAT, default=0.0)
     o.add_argument("--max-grad-norm", type=NONNEG_FLOAT, default=1.0, help="global-norm clipping (0 = off)")
     o.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",

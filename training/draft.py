@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 
-from rss_jax.lm import LM, from_params
+from rss_jax.lm import LM, from_params, refuse_quantized
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -27,6 +27,7 @@ def make_draft(target: LM, layers, dtype: str | None = None) -> LM:
     """An LM with the target's embeddings, final norm, head (tied or not), tokenizer and the layers `layers` (indices
     into the target's stack, in the order given) — the usual starting point for a draft of a model that has no smaller
     sibling. `layers` may be a list of ints or a spec string such as "0-3,29"."""
+    refuse_quantized(target, "the target")
     if isinstance(layers, str):
         layers = parse_layers(layers)
     layers = [int(i) for i in layers]
@@ -84,6 +85,7 @@ def trim_vocab(lm: LM, token_ids) -> LM:
     49152 x 576 head is 28M of 135M parameters). Speculative decoding stays exact for the target (the draft simply
     never proposes the other tokens); for SSS / EFT the aligned target p~ = p_ref * pi_r / pi_sft is zero outside
     the drafts' shared vocabulary."""
+    refuse_quantized(lm)
     cfg = lm.config
     ids = sorted({int(t) for t in token_ids} | {int(t) for t in lm.eos_token_ids if int(t) < cfg.vocab_size})
     bad = [t for t in ids if not 0 <= t < cfg.vocab_size]

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 
 import rss_jax
 from rss_jax import sharding
-from rss_jax.lm import LM, from_params
+from rss_jax.lm import LM, from_params, refuse_quantized
 from training import checkpoint as ckpt
 from training.data import Dataset, DataError, ExampleStream, build_dataset
 from training.draft import draft_vocabulary, make_draft, trim_vocab
@@ -244,6 +244,7 @@ def _finish_metrics(mode: str, stats: dict) -> dict:
 
 def _load(model, what: str, mesh=None, rules=None) -> LM:
     if isinstance(model, LM):
+        refuse_quantized(model, f"the {what} model")
         return model
     if model is None:
         raise ValueError(f"a {what} model is required; pass --{what} (a folder, a .gguf file or a built-in name)")

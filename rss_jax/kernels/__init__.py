@@ -1,15 +1,17 @@
 """Hand-written CPU kernels, reached through JAX's FFI (`jax.ffi`), with a pure-XLA path beside each.
 
 `int8_matmul` multiplies float activations by int8 weights stored out-channel-major, with one float scale per group
-of 32 consecutive input weights of each output channel (`quantize_rows`). XLA on CPU has no fast kernel for that product: written as `x @ (w.astype(f32) * s)` it runs at about half
-the speed of a float32 product, because the widened weights are written out before the product reads them. The
-kernel here (int8_matmul.cc) widens each weight inside the product, so the weights are read once at one byte each;
-rows of the output are split over XLA's own intra-op thread pool.
+of 32 consecutive input weights of each output channel (`quantize_rows`). XLA on CPU has no fast kernel for that
+product: written as `x @ (w.astype(f32) * s)` it runs at about half the speed of a float32 product, because the
+widened weights are written out before the product reads them. The kernel here (int8_matmul.cc) widens each weight
+inside the product, so the weights are read once at one byte each; rows of the output are split over XLA's own
+intra-op thread pool.
 
 The kernel is compiled at first use with the machine's C++ compiler (`$CXX`, else c++ or g++) for its own vector
 extensions, and the library is kept under $RSS_JAX_CACHE/kernels keyed by the source, the flags, the jaxlib version
 and the processor. Where there is no compiler, or the backend is not the CPU, or `RSS_JAX_INT8_KERNEL=off`, the
-product goes through XLA instead (same result up to float rounding; slower on CPU, fine on GPU and TPU).
+product goes through XLA instead (same result up to float rounding; slower on CPU; on GPU and TPU XLA fuses the
+widening into its product, not measured here).
 """
 from __future__ import annotations
 
@@ -62,7 +64,9 @@ def _library_path(cxx: str) -> str:
         source = f.read()
     key = hashlib.sha256(b"|".join([source, " ".join(_FLAGS).encode(), cxx.encode(), jaxlib.__version__.encode(),
                                      _cpu_id().encode()])).hexdigest()[:16]
-    root = cache_root() or os.path.join(tempfile.gettempdir(), "rss_jax")
+    root = cache_root()
+    if root is None:  # RSS_JAX_CACHE=off: a private folder of this process, never a shared, predictable path
+        return os.path.join(tempfile.mkdtemp(prefix="rss_jax_kernels_"), f"int8_matmul-{key}.so")
     return os.path.join(root, "kernels", f"int8_matmul-{key}.so")
 
 
@@ -131,16 +135,17 @@ def int8_matmul(x, w, scale, out_dtype=None):
 GROUP = 32  # weights per scale along the input axis (the block size of GGUF's Q8_0 and Q4 formats)
 
 
-def quantize_rows(w, group: int = GROUP):
+def quantize_rows(w, group: int = GROUP, scale_dtype=jnp.float32):
     """Symmetric int8 in groups: w [..., N, K] -> (q int8 [..., N, K], scale float32 [..., N, K // group]) with
     w ≈ q * scale repeated over each group of `group` consecutive weights along K (scale = max |w| / 127 of the
-    group). A K that `group` does not divide gets one scale per row."""
+    group, rounded to `scale_dtype` before q is computed, so that q matches the scale the model stores). A K that
+    `group` does not divide gets one scale per row."""
     w = jnp.asarray(w, jnp.float32)
     k = w.shape[-1]
     g = group if group and k % group == 0 else k
     blocks = w.reshape(*w.shape[:-1], k // g, g)
     amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(scale_dtype).astype(jnp.float32)
     q = jnp.clip(jnp.round(blocks / scale), -127, 127).astype(jnp.int8)
     return q.reshape(w.shape), scale[..., 0]
 

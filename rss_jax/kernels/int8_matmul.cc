@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -127,10 +128,11 @@ struct Job {
   std::atomic<int64_t> done{0};
 
   void work() {
-    std::unique_ptr<float[]> buffer(M > 1 ? new float[K] : nullptr);
+    std::unique_ptr<float[]> buffer;
     for (;;) {
       int64_t c = next.fetch_add(1, std::memory_order_relaxed);
       if (c >= chunks) return;
+      if (M > 1 && !buffer) buffer.reset(new float[K]);
       int64_t n0 = c * kChunk, n1 = std::min(N, n0 + kChunk);
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
         rows_block(x + m0 * K, w, scale, y + m0 * N, std::min(kMaxRows, M - m0), n0, n1, K, N, gs, buffer.get());
@@ -158,7 +160,9 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   int64_t helpers = std::min<int64_t>(pool.num_threads(), job->chunks) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->work(); });
   job->work();  // the caller takes chunks too, so the call finishes even if no helper ever runs
-  while (job->done.load(std::memory_order_acquire) < job->chunks) {
+  // only chunks a helper has claimed and not finished remain: wait for them, yielding the core after a short spin
+  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->chunks; ++spins) {
+    if (spins > 64) std::this_thread::yield();
   }
   return ffi::Error::Success();
 }

@@ -1,8 +1,10 @@
 """Tokenizers and chat templates: transformers for checkpoint folders; GGUF files read with the `gguf` package.
 
-A GGUF file of a byte-level BPE model (`tokenizer.ggml.model == "gpt2"`, as SmolLM2, Qwen and Llama 3 files are) is
-turned into a `tokenizers` BPE tokenizer here, without PyTorch: transformers' own GGUF reader imports torch, which the
-library does not otherwise need. Other GGUF tokenizer kinds (SentencePiece "llama") go through transformers.
+A GGUF file of a byte-level BPE model whose pre-tokenizer is GPT-2's own split (`tokenizer.ggml.model == "gpt2"`
+with `tokenizer.ggml.pre` one of GPT2_SPLIT_PRE, as SmolLM2's files are) is turned into a `tokenizers` BPE
+tokenizer here, without PyTorch: transformers' own GGUF reader imports torch, which the library does not otherwise
+need. Every other kind (other pre-tokenizer splits such as Llama 3's or Qwen2's, SentencePiece "llama") goes
+through transformers' reader.
 """
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import warnings
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
-# llama.cpp's token types (gguf.TokenType): 3 = control, 4 = user-defined; both are added tokens kept whole
+# llama.cpp's token types (gguf.TokenType): 3 = control (added, special), 4 = user-defined (added, not special)
 _CONTROL, _USER_DEFINED = 3, 4
+# `tokenizer.ggml.pre` values whose split is GPT-2's byte-level regex (checked against transformers' reader)
+GPT2_SPLIT_PRE = ("gpt2", "smollm", "default", None)
 
 
 def load_tokenizer(folder: str | None = None, gguf_file: str | None = None):
@@ -35,9 +39,9 @@ def gguf_tokenizer(path: str, reader=None):
     """The tokenizer of a GGUF file as a transformers fast tokenizer (chat template and special tokens included)."""
     import gguf
     reader = reader if reader is not None else gguf.GGUFReader(path)
-    kind = _field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        return _transformers_gguf_tokenizer(path, kind)
+    kind, pre = _field(reader, "tokenizer.ggml.model"), _field(reader, "tokenizer.ggml.pre")
+    if kind != "gpt2" or pre not in GPT2_SPLIT_PRE:
+        return _transformers_gguf_tokenizer(path, kind if kind != "gpt2" else f"gpt2 with the {pre!r} split")
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,7 +54,9 @@ def gguf_tokenizer(path: str, reader=None):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, k in zip(tokens, types) if k in (_CONTROL, _USER_DEFINED)])
+                                for t, k in zip(tokens, types) if k == _CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, k in zip(tokens, types) if k == _USER_DEFINED])
 
     def token(key):
         i = _field(reader, f"tokenizer.ggml.{key}_token_id")

@@ -60,8 +60,11 @@ def decode_model(graphdef, state):
     if isinstance(model, CausalLM) and model.config.num_layers > 0:
         stacked = model.stacked_layer_params()
         size = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in stacked.values())
-        # int8 weights (with float32 scales) read like float32 ones: per-layer buffers pay there too
-        if unroll_layers(size, all(a.dtype in (jnp.float32, jnp.int8) for a in stacked.values())):
+        # int8 weights read like float32 ones (their products are the CPU kernel's whatever the scales' dtype):
+        # per-layer buffers pay there too
+        dtypes = {a.dtype for a in stacked.values()}
+        int8 = jnp.dtype(jnp.int8)
+        if unroll_layers(size, dtypes <= {jnp.dtype(jnp.float32), int8} or int8 in dtypes):
             per_layer = [{k: a[i] for k, a in stacked.items()} for i in range(model.config.num_layers)]
             # the barrier keeps XLA from sinking the slices back into the loop body
             per_layer = jax.lax.optimization_barrier(per_layer)
@@ -142,14 +145,15 @@ class CausalLM(nnx.Module):
         return getattr(self, self.EMBED_TABLE + "_scale", None) is not None
 
     def quantize_int8(self) -> None:
-        """Replace the layer matrices, the token table and the output head by int8 copies with one scale per group
-        of 32 input weights of each output channel (symmetric, max |w| / 127), in place; norms, biases and positions stay in the model's dtype.
-        Products then widen the int8 weights inside the product (`rss_jax.kernels.int8_matmul`)."""
+        """Replace the layer matrices, the token table and the output head by int8 copies with one scale per
+        group of 32 input weights of each output channel (symmetric, max |w| / 127), in place; norms, biases and
+        positions stay in the model's dtype. Products then widen the int8 weights inside the product
+        (`rss_jax.kernels.int8_matmul`)."""
         for name in self.QUANT_LAYER_PARAMS:
             p = getattr(self.layers, name, None)
             if p is None or p.value.dtype == jnp.int8:
                 continue
-            q, scale = quantize_rows(jnp.swapaxes(p.value, -1, -2))
+            q, scale = quantize_rows(jnp.swapaxes(p.value, -1, -2), scale_dtype=p.value.dtype)
             setattr(self.layers, name, nnx.Param(q))
             setattr(self.layers, name + "_scale", nnx.Param(scale.astype(p.value.dtype)))
         tables = {self.EMBED_TABLE, self.head_table_name()} | ({"head_rows"} if self.config.head_token_ids else set())
@@ -157,7 +161,7 @@ class CausalLM(nnx.Module):
             p = getattr(self, name, None)
             if p is None or p.value.dtype == jnp.int8:
                 continue
-            q, scale = quantize_rows(p.value)
+            q, scale = quantize_rows(p.value, scale_dtype=p.value.dtype)
             setattr(self, name, nnx.Param(q))
             setattr(self, name + "_scale", nnx.Param(scale.astype(p.value.dtype)))
 

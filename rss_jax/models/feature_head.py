@@ -172,11 +172,12 @@ class FeatureHead(nnx.Module):
     # the [in, out] matrices that int8 quantisation stores as int8 [out, in] with grouped scales `<name>_scale`
     QUANT_PARAMS = ("fuse_w", "in_proj", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
-    def _lin(self, x, name):
-        """x [..., in] times the matrix `name` (float [in, out], or int8 [out, in] with its scales)."""
+    def _lin(self, x, name, cast: bool = False):
+        """x [..., in] times the matrix `name` (float [in, out], or int8 [out, in] with its scales). A float matrix
+        promotes with x as einsum does, or with `cast` is first cast to x's dtype (the tap fusion's convention)."""
         w, scale = getattr(self, name).value, getattr(self, name + "_scale", None)
         if scale is None:
-            return jnp.einsum("...f,fe->...e", x, w.astype(x.dtype))
+            return jnp.einsum("...f,fe->...e", x, w.astype(x.dtype) if cast else w)
         return int8_matmul(x, w, scale.value)
 
     def quantize_int8(self) -> None:
@@ -186,7 +187,7 @@ class FeatureHead(nnx.Module):
             p = getattr(self, name, None)
             if p is None or p.value.dtype == jnp.int8:
                 continue
-            q, scale = quantize_rows(p.value.T)
+            q, scale = quantize_rows(p.value.T, scale_dtype=p.value.dtype)
             setattr(self, name, nnx.Param(q))
             setattr(self, name + "_scale", nnx.Param(scale.astype(p.value.dtype)))
 
@@ -198,7 +199,7 @@ class FeatureHead(nnx.Module):
         b, t, n, e = normed.shape
         if n == 1:
             return normed[:, :, 0]
-        return self._lin(normed.reshape(b, t, n * e), "fuse_w")
+        return self._lin(normed.reshape(b, t, n * e), "fuse_w", cast=True)
 
     def __call__(self, feat, tokens, embed_table, out_rows=None, cache=None, lengths=None, positions=None):
         """feat [B, T, E] (fused target features, or the head's own fed-back outputs), tokens [B, T] (token t+1

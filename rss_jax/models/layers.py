@@ -179,7 +179,7 @@ def default_positions(tokens, lengths):
 
 def params_of(module, names) -> dict:
     """The raw arrays of a stacked-layer module's Params, by name (skipping ones the config left out); an int8
-    weight brings its per-channel scales as `<name>_scale`."""
+    weight brings its grouped scales as `<name>_scale`."""
     out = {}
     for n in names:
         for key in (n, n + "_scale"):
@@ -191,7 +191,7 @@ def params_of(module, names) -> dict:
 
 def linear(x, p: dict, name: str):
     """x [..., in] times the layer weight `name` of `p`: a float [in, out] matrix, or (after int8 quantisation) an
-    int8 [out, in] matrix with float scales `<name>_scale` [out]."""
+    int8 [out, in] matrix with float scales `<name>_scale` [out, in / 32] (`kernels.quantize_rows`)."""
     scale = p.get(name + "_scale")
     if scale is None:
         return jnp.einsum("...e,ef->...f", x, p[name])
