@@ -716,8 +716,6 @@ def cmd_generate(args) -> int:
     check_mesh_batches(mesh, len(rows), args.batch_size)
     if note and main:
         print(f"rss-jax: {note}", file=sys.stderr)
-    if args.quantize and mesh is not None:
-        raise CLIError("--quantize runs on one device", "drop --mesh, or drop --quantize to shard the model")
     lm = rj.load(args.model, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
     if _is_head(lm):
         raise CLIError(f"--model {args.model} is a feature-draft head", "give the full model as --model and the "

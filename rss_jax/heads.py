@@ -61,12 +61,8 @@ class FeatureDraft:
 
     def quantized(self, kind: str = "int8") -> "FeatureDraft":
         """An int8 weight-only copy of the head (`FeatureHead.quantize_int8`), for decoding."""
-        if kind != "int8":
-            raise ValueError(f"quantize must be 'int8' or None, got {kind!r}")
-        model = nnx.merge(self.graphdef, self.state)
-        model.quantize_int8()
-        graphdef, state = nnx.split(model)
-        return dataclasses.replace(self, graphdef=graphdef, state=state, quantize=kind)
+        from rss_jax.lm import quantize_lm
+        return quantize_lm(self, kind)
 
     @property
     def module(self):

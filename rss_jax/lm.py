@@ -120,13 +120,13 @@ def refuse_quantized(model, what: str = "the model") -> None:
                          "without quantize= to train it or to build a draft from it")
 
 
-def quantize_lm(lm: LM, kind: str = "int8") -> LM:
-    """An int8 weight-only copy of `lm` (`CausalLM.quantize_int8`): layer matrices, token table and output head
-    int8 with one scale per group of 32 input weights of each output channel; everything else keeps its dtype.
-    One device only."""
-    if kind != "int8":
+def quantize_lm(lm, kind: str = "int8"):
+    """An int8 weight-only copy of an LM or a FeatureDraft (its module's `quantize_int8`: for a model the layer
+    matrices, token table and output head, int8 with one scale per group of 32 input weights of each output
+    channel; everything else keeps its dtype). One device only."""
+    if kind not in QUANTIZE or kind is None:
         raise ValueError(f"quantize must be 'int8' or None, got {kind!r}")
-    if lm.mesh is not None:
+    if isinstance(lm, LM) and lm.mesh is not None:
         raise ValueError("int8 quantisation runs on one device; load without mesh= to quantise, or without "
                          "quantize= to shard the model")
     model = nnx.merge(lm.graphdef, lm.state)
@@ -159,9 +159,7 @@ def load(source: str, dtype: str = "float32", mesh=None, rules=sharding.DEFAULT_
     if quantize is not None and mesh is not None:
         raise ValueError("quantize='int8' runs on one device; drop mesh= to quantise, or quantize= to shard")
     lm = _load(source, dtype, mesh, rules)
-    if quantize is None:
-        return lm
-    return lm.quantized(quantize) if not isinstance(lm, LM) else quantize_lm(lm, quantize)
+    return lm if quantize is None else quantize_lm(lm, quantize)
 
 
 def _load(source: str, dtype: str, mesh, rules):

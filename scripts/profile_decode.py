@@ -1,6 +1,7 @@
 """Where a batch-1 decode step of SmolLM2-135M-Instruct spends its time: the 30 layers against the output head.
 
-    .venv/bin/python scripts/profile_decode.py
+    .venv/bin/python scripts/profile_decode.py                  # float32
+    .venv/bin/python scripts/profile_decode.py --quantize int8  # int8 weights (rj.load(..., quantize="int8"))
 
 Times 40 cached one-token forwards inside one jitted fori_loop, (a) returning only the cache (XLA then drops the
 unused head) and (b) feeding back the argmax of the logits (layers + head + argmax), and reports ms per step.
@@ -15,6 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quantize", choices=["int8"], default=None)
+    args = ap.parse_args()
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -23,7 +28,7 @@ def main():
     from rss_jax.cache import init_cache
     from rss_jax.models.base import decode_model
 
-    lm = rj.load("smollm2-135m-instruct")
+    lm = rj.load("smollm2-135m-instruct", quantize=args.quantize)
     steps = 40
 
     def make(with_head: bool):

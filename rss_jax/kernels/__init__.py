@@ -150,6 +150,20 @@ def quantize_rows(w, group: int = GROUP, scale_dtype=jnp.float32):
     return q.reshape(w.shape), scale[..., 0]
 
 
+def quantize_param(owner, name: str, transpose: bool) -> None:
+    """Replace the float Param `name` of an nnx module `owner` by int8 rows and add `<name>_scale`, in place (the
+    scales in the Param's dtype; `transpose` turns an [..., in, out] matrix into the [..., out, in] rows the product
+    reads). Absent or already int8 Params are left alone."""
+    from flax import nnx
+    p = getattr(owner, name, None)
+    if p is None or p.value.dtype == jnp.int8:
+        return
+    w = jnp.swapaxes(p.value, -1, -2) if transpose else p.value
+    q, scale = quantize_rows(w, scale_dtype=p.value.dtype)
+    setattr(owner, name, nnx.Param(q))
+    setattr(owner, name + "_scale", nnx.Param(scale.astype(p.value.dtype)))
+
+
 def dequantize_rows(q, scale, dtype=jnp.float32):
     """q [..., N, K] int8, scale [..., N, G] -> [..., N, K] in `dtype`."""
     g = q.shape[-1] // scale.shape[-1]

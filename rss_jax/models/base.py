@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from rss_jax.cache import KVCache
-from rss_jax.kernels import dequantize_rows, int8_matmul, quantize_rows
+from rss_jax.kernels import dequantize_rows, int8_matmul, quantize_param
 from rss_jax.models.config import check_token_ids
 from rss_jax.models.layers import default_positions
 
@@ -140,30 +140,16 @@ class CausalLM(nnx.Module):
         w, scale = self._table(name)
         return w if scale is None else dequantize_rows(w, scale, scale.dtype)
 
-    @property
-    def quantized(self) -> bool:
-        return getattr(self, self.EMBED_TABLE + "_scale", None) is not None
-
     def quantize_int8(self) -> None:
         """Replace the layer matrices, the token table and the output head by int8 copies with one scale per
         group of 32 input weights of each output channel (symmetric, max |w| / 127), in place; norms, biases and
         positions stay in the model's dtype. Products then widen the int8 weights inside the product
         (`rss_jax.kernels.int8_matmul`)."""
         for name in self.QUANT_LAYER_PARAMS:
-            p = getattr(self.layers, name, None)
-            if p is None or p.value.dtype == jnp.int8:
-                continue
-            q, scale = quantize_rows(jnp.swapaxes(p.value, -1, -2), scale_dtype=p.value.dtype)
-            setattr(self.layers, name, nnx.Param(q))
-            setattr(self.layers, name + "_scale", nnx.Param(scale.astype(p.value.dtype)))
+            quantize_param(self.layers, name, transpose=True)
         tables = {self.EMBED_TABLE, self.head_table_name()} | ({"head_rows"} if self.config.head_token_ids else set())
         for name in sorted(tables):
-            p = getattr(self, name, None)
-            if p is None or p.value.dtype == jnp.int8:
-                continue
-            q, scale = quantize_rows(p.value, scale_dtype=p.value.dtype)
-            setattr(self, name, nnx.Param(q))
-            setattr(self, name + "_scale", nnx.Param(scale.astype(p.value.dtype)))
+            quantize_param(self, name, transpose=False)
 
     def head_weight(self):
         """The output head's raw [V, E] rows (int8 after quantisation)."""

@@ -22,7 +22,7 @@ from flax import nnx
 
 from rss_jax.models.base import normal_init
 from rss_jax.models.config import ConfigError, _freeze, check_token_ids
-from rss_jax.kernels import int8_matmul, quantize_rows
+from rss_jax.kernels import int8_matmul, quantize_param
 from rss_jax.models.layers import activation, apply_rope, attention, default_positions, rms_norm, rope_inv_freq
 
 # the target fields a head is tied to: the ones that decide what its features and vocabulary mean
@@ -184,12 +184,7 @@ class FeatureHead(nnx.Module):
         """The head's matrices as int8 with one scale per group of 32 input weights (`kernels.quantize_rows`), in
         place; norms stay in the head's dtype. For decoding only: training needs the float head."""
         for name in self.QUANT_PARAMS:
-            p = getattr(self, name, None)
-            if p is None or p.value.dtype == jnp.int8:
-                continue
-            q, scale = quantize_rows(p.value.T, scale_dtype=p.value.dtype)
-            setattr(self, name, nnx.Param(q))
-            setattr(self, name + "_scale", nnx.Param(scale.astype(p.value.dtype)))
+            quantize_param(self, name, transpose=True)
 
     def fuse(self, taps):
         """Target features [B, T, n_taps, E] -> the head's input feature [B, T, E]: each tap RMS-normed, then one
