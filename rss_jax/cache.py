@@ -69,3 +69,34 @@ class LayerSlot:
     def write(self, new: jax.Array, lengths: jax.Array) -> jax.Array:
         """new [B, T, KVH, D] at slots lengths[b].. of this layer -> the updated stacked cache."""
         return write_block(self.stacked, new, lengths, layer=self.index)
+
+    def read(self) -> jax.Array:
+        """This layer's slots [B, S, KVH, D] as they were before this forward wrote any."""
+        return self.stacked[self.index]
+
+    def defer(self, new: jax.Array, lengths: jax.Array) -> "DeferredWrite":
+        """The write of `new` at slots lengths[b].. of this layer, left for `write_layers` to do with the other
+        layers' writes of the same forward, after every layer has read its slots."""
+        return DeferredWrite(self.index, new, lengths)
+
+
+class DeferredWrite:
+    """A layer's new keys or values that `write_layers` writes into the stacked cache after the last layer."""
+
+    def __init__(self, index: int, new: jax.Array, lengths: jax.Array):
+        self.index, self.new, self.lengths = index, new, lengths
+
+
+def write_layers(cache: jax.Array, writes: list) -> jax.Array:
+    """Every `DeferredWrite` of one forward into the stacked cache [L, B, S, KVH, D], as one scatter (sorted,
+    unique indices: in place). Reads of a buffer that a later layer then wrote in place made XLA on CPU copy the
+    whole stacked cache at every layer of every step; with the writes after all reads there is nothing to copy."""
+    if not writes:
+        return cache
+    new = jnp.stack([w.new.astype(cache.dtype) for w in writes])  # [L', B, T, KVH, D]
+    b, t = new.shape[1:3]
+    layers = jnp.asarray([w.index for w in writes], jnp.int32)[:, None, None]
+    rows = jnp.arange(b)[None, :, None]
+    slots = writes[0].lengths.astype(jnp.int32)[None, :, None] + jnp.arange(t, dtype=jnp.int32)[None, None, :]
+    layers, rows, slots = jnp.broadcast_arrays(layers, rows, slots)
+    return cache.at[layers, rows, slots].set(new, mode="drop", unique_indices=True, indices_are_sorted=True)

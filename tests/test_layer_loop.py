@@ -1,5 +1,6 @@
-"""The two ways a decode loop runs the layers: a scan over the stacked weights, or an unrolled loop over per-layer
-buffers sliced once before the loop (the CPU default). Both must give transformers' tokens and logits."""
+"""The two ways a decode loop runs the layers: a scan over the stacked weights, or an unrolled loop (the CPU default)
+whose products read each layer in place through the CPU kernels (or, without them, per-layer buffers sliced once
+before the loop). Both must give transformers' tokens and logits."""
 from __future__ import annotations
 
 import jax
@@ -98,7 +99,9 @@ def test_unroll_policy(monkeypatch):
     monkeypatch.setenv(base.LAYER_LOOP_ENV, "auto")
     assert base.unroll_layers(1) == (jax.default_backend() == "cpu")
     assert not base.unroll_layers(1 << 60)  # two copies would not fit in the host's memory
-    assert not base.unroll_layers(1, float32=False)  # bfloat16 keeps the scan
+    assert not base.unroll_layers(1, float32=False)  # bfloat16 keeps the scan without the CPU kernels
+    # with the kernels reading each layer in place there is no second copy, so no memory limit, and bfloat16 too
+    assert base.unroll_layers(1 << 60, float32=False, in_place=True) == (jax.default_backend() == "cpu")
     monkeypatch.setenv(base.LAYER_LOOP_ENV, "fast")
     with pytest.raises(ValueError, match="RSS_JAX_LAYER_LOOP='fast'.*auto, unroll or scan"):
         base.unroll_layers(1)

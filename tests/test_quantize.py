@@ -69,7 +69,7 @@ def test_int8_matmul_matches_numpy(rows, k, n, group):
 
 def test_int8_matmul_refuses_bad_shapes():
     q = jnp.zeros((8, 64), jnp.int8)
-    with pytest.raises(ValueError, match="scale \\[N, G\\] with G dividing K"):
+    with pytest.raises(ValueError, match="scale \\[\\(L,\\) N, G\\] with G dividing K"):
         kernels.int8_matmul(jnp.zeros((1, 64)), q, jnp.ones((8, 3)))
     with pytest.raises(ValueError, match="int8"):
         kernels.int8_matmul(jnp.zeros((1, 64)), q.astype(jnp.float32), jnp.ones((8, 2)))

@@ -118,6 +118,17 @@ def finish_output(lm, tokens, prompt_ids, stats: dict) -> GenerateOutput:
     return GenerateOutput(texts=texts, tokens=tokens, lengths=lengths, stats=stats, prompt_ids=prompt_ids)
 
 
+# XLA's CPU options for the compiled loops: no YNNPACK fusions, which ran the few-token attention reductions of a
+# decode step (a few kilobytes each) at about 40 us apiece, 1.5-2 ms of an int8 step of the 135M model
+# (docs/benchmarks.md); XLA's own loop fusions do them in a fraction of that
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options() -> dict | None:
+    """The compiler options of the compiled loops on this process's default backend (None: XLA's defaults)."""
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+
+
 class CompiledCache:
     """Ahead-of-time compiled loops keyed by (function, static config, argument shapes): compile time is measured
     apart from run time, and a call that hits the cache compiles nothing."""
@@ -152,7 +163,7 @@ class CompiledCache:
         if compiled is None:
             t0 = time.perf_counter()
             jitted = jax.jit(fn, static_argnums=tuple(range(len(static))))
-            compiled = jitted.lower(*static, *args).compile()
+            compiled = jitted.lower(*static, *args).compile(compiler_options=compiler_options())
             compile_s = time.perf_counter() - t0
             self.entries[key] = compiled
             self.compiles += 1

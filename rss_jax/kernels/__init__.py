@@ -1,9 +1,17 @@
 """Hand-written CPU kernels, reached through JAX's FFI (`jax.ffi`), with a pure-XLA path beside each.
 
+Both products read one layer of a stacked [L, ...] weight array in place (`layer=`), so a decode loop runs every
+layer's products on the model's own weights without copying them out of the stack first (`LayerWeight`).
+
+`dense_matmul` multiplies float32 activations by float32 or bfloat16 weights [K, N] (the layout the models store),
+widening bfloat16 inside the product and accumulating in float32. XLA on CPU runs bfloat16 products at a fraction of
+float32's speed (bound by arithmetic, not by reading the weights), and a decode loop that hands XLA per-layer
+weights has to copy them out of the stacked arrays at every call.
+
 `int8_matmul` multiplies float activations by int8 weights stored out-channel-major, with one float scale per group
 of 32 consecutive input weights of each output channel (`quantize_rows`). XLA on CPU has no fast kernel for that
 product: written as `x @ (w.astype(f32) * s)` it runs at about half the speed of a float32 product, because the
-widened weights are written out before the product reads them. The kernel here (int8_matmul.cc) widens each weight
+widened weights are written out before the product reads them. The kernel here (matmul.cc) widens each weight
 inside the product, so the weights are read once at one byte each; rows of the output are split over XLA's own
 intra-op thread pool.
 
@@ -29,12 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KERNEL_ENV = "RSS_JAX_INT8_KERNEL"
+KERNEL_ENV = "RSS_JAX_INT8_KERNEL"  # the name predates the float kernel; it switches both
 TARGET = "rss_jax_int8_matmul"
+DENSE_TARGET = "rss_jax_dense_matmul"
 # above this many activation rows (a prefill) the product is bound by arithmetic, and XLA's float product of the
 # widened weights is the faster path
 KERNEL_MAX_ROWS = 64
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "int8_matmul.cc")
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "matmul.cc")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
           "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-w"]
 
@@ -66,8 +75,8 @@ def _library_path(cxx: str) -> str:
                                      _cpu_id().encode()])).hexdigest()[:16]
     root = cache_root()
     if root is None:  # RSS_JAX_CACHE=off: a private folder of this process, never a shared, predictable path
-        return os.path.join(tempfile.mkdtemp(prefix="rss_jax_kernels_"), f"int8_matmul-{key}.so")
-    return os.path.join(root, "kernels", f"int8_matmul-{key}.so")
+        return os.path.join(tempfile.mkdtemp(prefix="rss_jax_kernels_"), f"matmul-{key}.so")
+    return os.path.join(root, "kernels", f"matmul-{key}.so")
 
 
 def _build(cxx: str, out: str) -> None:
@@ -92,7 +101,7 @@ def _registered() -> bool:
         return False
     cxx = _compiler()
     if cxx is None:
-        warnings.warn("no C++ compiler found (set $CXX): int8 products use XLA's slower path on this CPU")
+        warnings.warn("no C++ compiler found (set $CXX): decode products use XLA's slower path on this CPU")
         return False
     try:
         path = _library_path(cxx)
@@ -100,35 +109,95 @@ def _registered() -> bool:
             _build(cxx, path)
         lib = ctypes.cdll.LoadLibrary(path)
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RssJaxInt8Matmul), platform="cpu")
+        jax.ffi.register_ffi_target(DENSE_TARGET, jax.ffi.pycapsule(lib.RssJaxDenseMatmul), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure leaves the XLA path, which is always correct
-        warnings.warn(f"the int8 CPU kernel is not available ({type(e).__name__}: {e}); int8 products use XLA's "
-                      "slower path")
+        warnings.warn(f"the CPU product kernels are not available ({type(e).__name__}: {e}); decode products use "
+                      "XLA's slower path")
         return False
     return True
 
 
 def kernel_available() -> bool:
-    """Whether int8 products on this process's default backend go through the hand-written CPU kernel."""
+    """Whether decode products on this process's default backend go through the hand-written CPU kernels."""
     return jax.default_backend() == "cpu" and _registered()
 
 
-def int8_matmul(x, w, scale, out_dtype=None):
+class LayerWeight:
+    """Layer `index` of a stacked weight array [L, ...] (and of its int8 scales), as a decode loop hands it to
+    `layers.linear`: the kernels read that layer in place; other paths slice it out (`value`)."""
+
+    def __init__(self, stacked, index: int, scale=None):
+        self.stacked, self.index, self.scale = stacked, index, scale
+
+    @property
+    def value(self):
+        return self.stacked[self.index]
+
+    @property
+    def dtype(self):
+        return self.stacked.dtype
+
+    @property
+    def shape(self):
+        return self.stacked.shape[1:]
+
+
+def _layer_of(w, layer):
+    """(array, layer) with a 2-D array seen as a stack of one."""
+    if layer is None:
+        return w, 0, w.shape
+    return w, int(layer), w.shape[1:]
+
+
+def _rows(x):
+    lead = x.shape[:-1]
+    return lead, (int(np.prod(lead)) if lead else 1)
+
+
+def dense_matmul(x, w, layer: int | None = None, out_dtype=None):
+    """x [..., K] float times float32 or bfloat16 weights w [K, N] (or layer `layer` of a stack [L, K, N]) ->
+    [..., N] in `out_dtype` (default x's dtype). The CPU kernel computes in float32 (bfloat16 x and weights are
+    widened; the weights inside the product); the XLA path is `einsum` in x's dtype."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    w, layer, (k, n) = _layer_of(w, layer)
+    if x.shape[-1] != k or w.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"dense_matmul needs x [..., K] and float32 or bfloat16 weights [(L,) K, N]; got x {x.shape}"
+                         f", w {w.shape} {w.dtype}")
+    lead, rows = _rows(x)
+    if 0 < rows <= KERNEL_MAX_ROWS and kernel_available():
+        call = jax.ffi.ffi_call(DENSE_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32), vmap_method="sequential")
+        y = call(x.reshape(rows, k).astype(jnp.float32), w, layer=np.int64(layer))
+        return y.reshape(*lead, n).astype(out_dtype)
+    ws = w if w.ndim == 2 else w[layer]
+    return jnp.einsum("...k,kn->...n", x, ws.astype(x.dtype), preferred_element_type=out_dtype)
+
+
+def int8_matmul(x, w, scale, out_dtype=None, layer: int | None = None):
     """x [..., K] float, w [N, K] int8, scale [N, G] (G groups of K / G weights along K, each with its own scale;
     G = 1 is one scale per output channel) -> [..., N] in `out_dtype` (default x's dtype): x @ dequantize(w).T.
+    With `layer`, w [L, N, K] and scale [L, N, G] are stacks and layer `layer` of them is used.
 
     The CPU kernel computes in float32 (a bfloat16 x is widened first); the XLA path computes in x's dtype and
     accumulates in `out_dtype`."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if (w.dtype != jnp.int8 or w.ndim != 2 or scale.ndim != 2 or scale.shape[0] != w.shape[0]
-            or w.shape[1] % scale.shape[1] or x.shape[-1] != w.shape[1]):
-        raise ValueError(f"int8_matmul needs x [..., K], w [N, K] int8 and scale [N, G] with G dividing K; got "
-                         f"x {x.shape}, w {w.shape} {w.dtype}, scale {scale.shape}")
-    lead, (n, k) = x.shape[:-1], w.shape
-    rows = int(np.prod(lead)) if lead else 1
+    w, layer, wshape = _layer_of(w, layer)
+    sshape = scale.shape if scale.ndim == 2 else scale.shape[1:]
+    if (w.dtype != jnp.int8 or len(wshape) != 2 or len(sshape) != 2 or scale.ndim != w.ndim
+            or sshape[0] != wshape[0] or wshape[1] % sshape[1] or x.shape[-1] != wshape[1]):
+        raise ValueError(f"int8_matmul needs x [..., K], w [(L,) N, K] int8 and scale [(L,) N, G] with G dividing K; "
+                         f"got x {x.shape}, w {w.shape} {w.dtype}, scale {scale.shape}")
+    lead, rows = _rows(x)
+    n, k = wshape
     if 0 < rows <= KERNEL_MAX_ROWS and kernel_available():
         call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32), vmap_method="sequential")
-        y = call(x.reshape(rows, k).astype(jnp.float32), w, scale.astype(jnp.float32))
+        scale_layer = layer
+        if scale.dtype != jnp.float32 and scale.ndim == 3:  # widen this layer's scales only, not the whole stack
+            scale, scale_layer = scale[layer], 0
+        y = call(x.reshape(rows, k).astype(jnp.float32), w, scale.astype(jnp.float32), layer=np.int64(layer),
+                 scale_layer=np.int64(scale_layer))
         return y.reshape(*lead, n).astype(out_dtype)
+    if w.ndim == 3:
+        w, scale = w[layer], scale[layer]
     return jnp.einsum("...k,nk->...n", x, dequantize_rows(w, scale, x.dtype), preferred_element_type=out_dtype)
 
 

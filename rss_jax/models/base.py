@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from rss_jax.cache import KVCache
-from rss_jax.kernels import dequantize_rows, int8_matmul, quantize_param
+from rss_jax.kernels import LayerWeight, dequantize_rows, int8_matmul, kernel_available, quantize_param
 from rss_jax.models.config import check_token_ids
 from rss_jax.models.layers import default_positions
 
@@ -21,20 +21,25 @@ def normal_init(rngs: nnx.Rngs, shape, dtype, std=0.02):
 LAYER_LOOP_ENV = "RSS_JAX_LAYER_LOOP"
 
 
-def unroll_layers(layer_bytes: int, float32: bool = True) -> bool:
-    """Whether decode loops run the layers from per-layer buffers (an unrolled loop) instead of a scan over the
+def unroll_layers(layer_bytes: int, float32: bool = True, in_place: bool = False) -> bool:
+    """Whether decode loops run the layers as an unrolled loop over per-layer weights instead of a scan over the
     stacked weights. `RSS_JAX_LAYER_LOOP` = `unroll` or `scan` decides; by default (`auto`) it is unroll on the CPU
-    backend for float32 weights when two copies of the layer weights take at most half the host's memory (the
-    per-layer buffers live beside the stacked ones for the length of a call), and scan elsewhere. XLA on GPU and TPU
-    reads a scanned layer's weights in place; XLA on CPU copies them out at every step, which costs float32 decoding
-    about a third of its speed. bfloat16 products on CPU are bound by arithmetic, not by reading the weights, and
-    ran at half speed unrolled (docs/benchmarks.md), so they keep the scan."""
+    backend when the CPU kernels read each layer in place (`in_place`: no copy), or, without them, for float32
+    weights when two copies of the layer weights take at most half the host's memory (the per-layer buffers then
+    live beside the stacked ones for the length of a call), and scan elsewhere. XLA on GPU and TPU reads a scanned
+    layer's weights in place; XLA on CPU copies them out at every step, which costs float32 decoding about a third
+    of its speed. XLA's own bfloat16 products on CPU are bound by arithmetic and ran at half speed unrolled
+    (docs/benchmarks.md), so without the kernels bfloat16 keeps the scan."""
     mode = os.environ.get(LAYER_LOOP_ENV, "auto")
     if mode not in ("auto", "unroll", "scan"):
         raise ValueError(f"{LAYER_LOOP_ENV}={mode!r} is not a layer loop; set it to auto, unroll or scan")
     if mode != "auto":
         return mode == "unroll"
-    if jax.default_backend() != "cpu" or not float32:
+    if jax.default_backend() != "cpu":
+        return False
+    if in_place:
+        return True
+    if not float32:
         return False
     try:
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -53,21 +58,32 @@ def compute_dtype(tree):
 
 
 def decode_model(graphdef, state):
-    """nnx.merge for a function that runs the model inside a decode loop: where `unroll_layers` says so, each
-    layer's weights are sliced out of the stacked arrays here, once, before the loop, so the loop body reads them
-    in place at every step (see `layers.scan_layers`). Other modules are merged as they are."""
+    """nnx.merge for a function that runs the model inside a decode loop. Where `unroll_layers` says so, the
+    layers run as an unrolled loop over per-layer weights (see `layers.scan_layers`): with the CPU kernels
+    (`kernels.kernel_available`, off a mesh) each matrix is a `kernels.LayerWeight` that the kernel reads in place
+    from the stacked array, and only the small per-layer vectors (norms, biases) are sliced out; without them every
+    layer's weights are sliced out here, once, before the loop, so the loop body reads them in place at every step.
+    Other modules are merged as they are."""
     model = nnx.merge(graphdef, state)
     if isinstance(model, CausalLM) and model.config.num_layers > 0:
         stacked = model.stacked_layer_params()
         size = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in stacked.values())
-        # int8 weights read like float32 ones (their products are the CPU kernel's whatever the scales' dtype):
-        # per-layer buffers pay there too
         dtypes = {a.dtype for a in stacked.values()}
         int8 = jnp.dtype(jnp.int8)
-        if unroll_layers(size, dtypes <= {jnp.dtype(jnp.float32), int8} or int8 in dtypes):
-            per_layer = [{k: a[i] for k, a in stacked.items()} for i in range(model.config.num_layers)]
+        matrices = set(model.QUANT_LAYER_PARAMS) & set(stacked)
+        in_place = (bool(matrices) and kernel_available() and jax.sharding.get_abstract_mesh().empty
+                    and all(stacked[n].dtype in (jnp.float32, jnp.bfloat16, int8) for n in matrices))
+        # int8 weights read like float32 ones (their products are the CPU kernel's whatever the scales' dtype):
+        # per-layer buffers pay there too
+        if unroll_layers(size, dtypes <= {jnp.dtype(jnp.float32), int8} or int8 in dtypes, in_place):
+            in_place_names = matrices if in_place else set()
+            scales = {n + "_scale" for n in in_place_names}
+            sliced = [{k: a[i] for k, a in stacked.items() if k not in in_place_names and k not in scales}
+                      for i in range(model.config.num_layers)]
             # the barrier keeps XLA from sinking the slices back into the loop body
-            per_layer = jax.lax.optimization_barrier(per_layer)
+            sliced = jax.lax.optimization_barrier(sliced)
+            per_layer = [dict(p, **{n: LayerWeight(stacked[n], i, stacked.get(n + "_scale")) for n in in_place_names})
+                         for i, p in enumerate(sliced)]
             # a plain attribute of this traced, throw-away module, not a Variable: it is never split again
             object.__setattr__(model, "_layer_list", per_layer)
     return model
@@ -116,8 +132,9 @@ class CausalLM(nnx.Module):
         per_layer = self.__dict__.get("_layer_list")
         return per_layer if per_layer is not None else self.stacked_layer_params()
 
-    # int8 weight-only quantisation (`quantize_int8`): the [L, in, out] matrices of `layers` it stores as int8
-    # [L, out, in] with scales `<name>_scale` [L, out, in / 32] (`kernels.quantize_rows`), and the token table's name
+    # the [L, in, out] matrices of `layers` that go through `layers.linear` (what decode loops hand the CPU kernels
+    # in place, and what int8 weight-only quantisation (`quantize_int8`) stores as int8 [L, out, in] with scales
+    # `<name>_scale` [L, out, in / 32], `kernels.quantize_rows`), and the token table's name
     QUANT_LAYER_PARAMS: tuple = ()
     EMBED_TABLE = "embed_tokens"
 

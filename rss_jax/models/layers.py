@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from rss_jax.cache import LayerSlot, write_block
+from rss_jax.cache import DeferredWrite, LayerSlot, write_block, write_layers
 
 
 def rms_norm(x, weight, eps):
@@ -60,11 +60,16 @@ def rope_inv_freq(config) -> jax.Array:
     return inv
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotate x [B, T, H, D] by positions [B, T] (half-split layout, as in Hugging Face Llama)."""
+def rope_tables(positions, inv_freq):
+    """(cos, sin) [B, T, 1, D/2] of positions [B, T]: computed once per forward and shared by every layer."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x, positions, inv_freq, tables=None):
+    """Rotate x [B, T, H, D] by positions [B, T] (half-split layout, as in Hugging Face Llama); `tables` are
+    `rope_tables(positions, inv_freq)` when the caller has them already."""
+    cos, sin = rope_tables(positions, inv_freq) if tables is None else tables
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -83,8 +88,17 @@ def attention(q, k, v, cache_k=None, cache_v=None, lengths=None):
     """
     b, t, h, d = q.shape
     kvh = k.shape[2]
+    short = t <= FUSED_ATTENTION_MAX_T and jax.default_backend() == "cpu"
     if isinstance(cache_k, LayerSlot):  # the unrolled layer loop: the stacked cache comes back, updated in place
         i = cache_k.index
+        if short:
+            # this layer's slots are read before the write, and the new tokens are attended to from k and v
+            # themselves: a read of the written buffer made XLA on CPU copy the whole stacked cache at every layer
+            # (the writes themselves wait for `scan_layers` to do them after the last layer)
+            out = _short_attention_split(q.reshape(b, t, kvh, h // kvh, d), cache_k.read(), cache_v.read(), k, v,
+                                         lengths)
+            return (out.reshape(b, t, h * d).astype(q.dtype), cache_k.defer(k, lengths),
+                    cache_v.defer(v, lengths))
         cache_k, cache_v = cache_k.write(k, lengths), cache_v.write(v, lengths)
         keys, values = cache_k[i], cache_v[i]
     elif cache_k is not None:
@@ -99,7 +113,7 @@ def attention(q, k, v, cache_k=None, cache_v=None, lengths=None):
     s = keys.shape[1]
     mask = jnp.arange(s)[None, None, :] <= q_slot[:, :, None]  # [B, T, S]
     qg = q.reshape(b, t, kvh, h // kvh, d)
-    if cache_k is not None and t <= FUSED_ATTENTION_MAX_T and jax.default_backend() == "cpu":
+    if cache_k is not None and short:
         out = _fused_short_attention(qg, keys, values, mask)
         return out.reshape(b, t, h * d).astype(q.dtype), cache_k, cache_v
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
@@ -130,6 +144,24 @@ def _fused_short_attention(qg, keys, values, mask):
     return jnp.sum(probs[..., None] * values.astype(jnp.float32)[:, None, :, :, None, :], axis=2)
 
 
+def _short_attention_split(qg, old_k, old_v, k, v, lengths):
+    """The same law as `_fused_short_attention` over a cache updated with the new tokens, computed from the cache
+    as it was before the write (slots < lengths[b]) and the T new keys and values themselves (causal among the new
+    tokens), with one softmax over both parts. qg [B, T, KVH, G, D], old_k/old_v [B, S, KVH, D], k/v [B, T, KVH, D],
+    lengths [B] -> [B, T, KVH, G, D]."""
+    t, d = qg.shape[1], qg.shape[-1]
+    s = old_k.shape[1]
+    qf = qg.astype(jnp.float32) / math.sqrt(d)
+    old = jnp.sum(qf[:, :, None] * old_k.astype(jnp.float32)[:, None, :, :, None, :], axis=-1)  # [B, T, S, KVH, G]
+    old = jnp.where((jnp.arange(s)[None, :] < lengths[:, None])[:, None, :, None, None], old, -1e30)
+    new = jnp.sum(qf[:, :, None] * k.astype(jnp.float32)[:, None, :, :, None, :], axis=-1)  # [B, T, T', KVH, G]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [T, T']
+    new = jnp.where(causal[None, :, :, None, None], new, -1e30)
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=2), axis=2)
+    return (jnp.sum(probs[:, :, :s, ..., None] * old_v.astype(jnp.float32)[:, None, :, :, None, :], axis=2)
+            + jnp.sum(probs[:, :, s:, ..., None] * v.astype(jnp.float32)[:, None, :, :, None, :], axis=2))
+
+
 def scan_layers(block, layer_params, h, cache_k=None, cache_v=None, collect: bool = False):
     """Run `block(params_l, h, ck_l, cv_l) -> (h, ck_l, cv_l)` over the layers. cache_k/cache_v are
     [L, B, S, KVH, D] or None (uncached forward).
@@ -142,14 +174,21 @@ def scan_layers(block, layer_params, h, cache_k=None, cache_v=None, collect: boo
     Returns (h, cache_k, cache_v), plus with `collect` every layer's output residual stream [L, B, T, E] (the
     taps a feature draft reads; the same forward, no second pass)."""
     if isinstance(layer_params, (list, tuple)):
-        outs = []
+        outs, writes_k, writes_v = [], [], []
         for i, p in enumerate(layer_params):
             if cache_k is None:
                 h, _, _ = block(p, h, None, None)
             else:
-                h, cache_k, cache_v = block(p, h, LayerSlot(cache_k, i), LayerSlot(cache_v, i))
+                h, ck, cv = block(p, h, LayerSlot(cache_k, i), LayerSlot(cache_v, i))
+                if isinstance(ck, DeferredWrite):
+                    writes_k.append(ck)
+                    writes_v.append(cv)
+                else:
+                    cache_k, cache_v = ck, cv
             if collect:
                 outs.append(h)
+        if writes_k:
+            cache_k, cache_v = write_layers(cache_k, writes_k), write_layers(cache_v, writes_v)
         hs = jnp.stack(outs) if collect else None
         return (h, cache_k, cache_v, hs) if collect else (h, cache_k, cache_v)
 
@@ -191,9 +230,15 @@ def params_of(module, names) -> dict:
 
 def linear(x, p: dict, name: str):
     """x [..., in] times the layer weight `name` of `p`: a float [in, out] matrix, or (after int8 quantisation) an
-    int8 [out, in] matrix with float scales `<name>_scale` [out, in / 32] (`kernels.quantize_rows`)."""
+    int8 [out, in] matrix with float scales `<name>_scale` [out, in / 32] (`kernels.quantize_rows`), or, in a
+    decode loop, a `kernels.LayerWeight` that the CPU kernels read in place from the stacked weights."""
+    from rss_jax.kernels import LayerWeight, dense_matmul, int8_matmul
+    w = p[name]
+    if isinstance(w, LayerWeight):
+        if w.scale is not None:
+            return int8_matmul(x, w.stacked, w.scale, layer=w.index)
+        return dense_matmul(x, w.stacked, layer=w.index)
     scale = p.get(name + "_scale")
     if scale is None:
-        return jnp.einsum("...e,ef->...f", x, p[name])
-    from rss_jax.kernels import int8_matmul
-    return int8_matmul(x, p[name], scale)
+        return jnp.einsum("...e,ef->...f", x, w)
+    return int8_matmul(x, w, scale)

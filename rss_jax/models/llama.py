@@ -12,7 +12,7 @@ from flax import nnx
 
 from rss_jax.models.base import CausalLM, normal_init
 from rss_jax.models.layers import (activation, apply_rope, attention, linear, params_of, rms_norm, rope_inv_freq,
-                                   scan_layers)
+                                   rope_tables, scan_layers)
 
 # logical axes of every parameter (rss_jax.sharding maps them to mesh axes); per-layer weights lead with "layers"
 LOGICAL_AXES = {
@@ -69,24 +69,24 @@ class Llama(CausalLM):
         b, t, _ = h.shape
         nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
+        tables = rope_tables(positions, inv_freq)  # once for all layers
+
         def block(p, h, ck, cv):
             with jax.named_scope("attention"):
                 x = rms_norm(h, p["attn_norm"], cfg.norm_eps)
-                q = linear(x, p, "wq")
-                k = linear(x, p, "wk")
-                v = linear(x, p, "wv")
+                q, k, v = linear(x, p, "wq"), linear(x, p, "wk"), linear(x, p, "wv")
                 if "bq" in p:
                     q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-                q = apply_rope(q.reshape(b, t, nh, hd), positions, inv_freq)
-                k = apply_rope(k.reshape(b, t, kvh, hd), positions, inv_freq)
+                # q and k rotated together: one pass over the new tokens' heads
+                qk = apply_rope(jnp.concatenate([q.reshape(b, t, nh, hd), k.reshape(b, t, kvh, hd)], 2), positions,
+                                inv_freq, tables)
+                q, k = qk[:, :, :nh], qk[:, :, nh:]
                 v = v.reshape(b, t, kvh, hd)
                 o, ck, cv = attention(q, k, v, ck, cv, lengths)
                 h = h + linear(o, p, "wo")
             with jax.named_scope("mlp"):
                 x = rms_norm(h, p["mlp_norm"], cfg.norm_eps)
-                gate = act(linear(x, p, "w_gate"))
-                up = linear(x, p, "w_up")
-                h = h + linear(gate * up, p, "w_down")
+                h = h + linear(act(linear(x, p, "w_gate")) * linear(x, p, "w_up"), p, "w_down")
             return h, ck, cv
 
         return scan_layers(block, self.layer_params(), h, cache_k, cache_v, collect)

@@ -1,0 +1,342 @@
+// The CPU products of decode steps (a few activation rows against a layer's weights), built by rss_jax.kernels at
+// first use with the machine's own compiler and vector extensions. Both read one layer of a stacked [L, ...] weight
+// array in place (the `layer` attribute), so a decode loop needs no per-layer copy of the weights.
+//
+// * RssJaxInt8Matmul: y[m, n] = sum_g scale[n, g] * sum_{k in group g} x[m, k] * w[n, k], float32 activations
+//   against int8 weights stored out-channel-major in groups of K / G along the input axis, each with its own scale
+//   (G = 1: one scale per output channel), each weight widened to float inside the product (weight-only
+//   quantisation: the weights are read once, at one byte each, and never written back as floats).
+// * RssJaxDenseMatmul: y = x @ w[layer] for float32 or bfloat16 weights [K, N] (input-major, as the models store
+//   them); bfloat16 weights are widened inside the product, accumulation is in float32.
+//
+// Output channels are split over XLA's intra-op thread pool.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMaxRows = 8;  // activation rows handled together: each weight is widened once per group
+constexpr int64_t kChunk = 32;   // output channels per task
+
+// rows of x against output channels n0..n1. Weights come in groups of `gs` along K, each group with its own scale
+// (gs = K: one scale per channel). The compiler vectorises the inner loops (built with reassociation on).
+void rows_block(const float* x, const int8_t* w, const float* scale, float* y, int64_t rows, int64_t n0, int64_t n1,
+                int64_t K, int64_t N, int64_t gs, float* wf) {
+  const int64_t G = K / gs;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wn = w + n * K;
+    const float* sn = scale + n * G;
+#ifdef __AVX512F__
+    if (rows == 1 && gs == 32) {  // one row, groups of 32, AVX-512: two groups per step, four independent sums
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+      auto term = [&](int64_t j, __m512 sc, __m512 acc) {
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + j))));
+        return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), sc), wv, acc);
+      };
+      int64_t g = 0;
+      for (; g + 2 <= G; g += 2) {
+        const __m512 s0 = _mm512_set1_ps(sn[g]), s1 = _mm512_set1_ps(sn[g + 1]);
+        a0 = term(g * 32, s0, a0);
+        a1 = term(g * 32 + 16, s0, a1);
+        a2 = term(g * 32 + 32, s1, a2);
+        a3 = term(g * 32 + 48, s1, a3);
+      }
+      if (g < G) {
+        const __m512 s0 = _mm512_set1_ps(sn[g]);
+        a0 = term(g * 32, s0, a0);
+        a1 = term(g * 32 + 16, s0, a1);
+      }
+      y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+      continue;
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    if (rows == 1 && gs == 32) {  // one row, groups of 32, AVX2: one group (four 8-wide pieces) per step
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      auto term = [&](int64_t j, __m256 sc, __m256 acc) {
+        const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wn + j))));
+        return _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j), sc), wv, acc);
+      };
+      for (int64_t g = 0; g < G; ++g) {
+        const __m256 sc = _mm256_set1_ps(sn[g]);
+        a0 = term(g * 32, sc, a0);
+        a1 = term(g * 32 + 8, sc, a1);
+        a2 = term(g * 32 + 16, sc, a2);
+        a3 = term(g * 32 + 24, sc, a3);
+      }
+      const __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+      y[n] = _mm_cvtss_f32(h);
+      continue;
+    }
+#endif
+    if (rows == 1) {  // one row: widen and scale inside the product, no buffer
+      float s = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int8_t* wg = wn + g * gs;
+        const float* xg = x + g * gs;
+        float part = 0.f;
+        for (int64_t j = 0; j < gs; ++j) part += xg[j] * static_cast<float>(wg[j]);
+        s += part * sn[g];
+      }
+      y[n] = s;
+      continue;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float sc = sn[g];
+      for (int64_t j = 0; j < gs; ++j) wf[g * gs + j] = static_cast<float>(wn[g * gs + j]) * sc;
+    }
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {  // four rows share each widened weight: four independent sums
+      const float *x0 = x + r * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = wf[k];
+        s0 += x0[k] * v;
+        s1 += x1[k] * v;
+        s2 += x2[k] * v;
+        s3 += x3[k] * v;
+      }
+      y[r * N + n] = s0;
+      y[(r + 1) * N + n] = s1;
+      y[(r + 2) * N + n] = s2;
+      y[(r + 3) * N + n] = s3;
+    }
+    for (; r < rows; ++r) {
+      const float* xr = x + r * K;
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += xr[k] * wf[k];
+      y[r * N + n] = s;
+    }
+  }
+}
+
+// run task(c) for c in [0, chunks) on the caller and up to pool.num_threads() - 1 helpers, and wait for all of them
+void parallel_for(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> task) {
+  struct State {
+    std::function<void(int64_t)> task;
+    int64_t chunks;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    void work() {
+      for (;;) {
+        int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+        if (c >= chunks) return;
+        task(c);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  auto state = std::make_shared<State>();
+  state->task = std::move(task);
+  state->chunks = chunks;
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->work(); });
+  state->work();  // the caller takes chunks too, so the call finishes even if no helper ever runs
+  // only chunks a helper has claimed and not finished remain: wait for them, yielding the core after a short spin
+  for (int spins = 0; state->done.load(std::memory_order_acquire) < chunks; ++spins) {
+    if (spins > 64) std::this_thread::yield();
+  }
+}
+
+// the layer `layer` of a weight array [L, A, B] (or [A, B] with layer 0); false if out of range
+bool layer_offset(const ffi::Span<const int64_t>& dims, int64_t layer, int64_t& offset) {
+  if (dims.size() == 2) {
+    offset = 0;
+    return layer == 0;
+  }
+  if (dims.size() != 3 || layer < 0 || layer >= dims[0]) return false;
+  offset = layer * dims[1] * dims[2];
+  return true;
+}
+
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t layer,
+                          int64_t scale_layer) {
+  auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions();
+  int64_t w_off = 0, s_off = 0;
+  if (xd.size() != 2 || wd.size() < 2 || sd.size() < 2 || !layer_offset(wd, layer, w_off) ||
+      !layer_offset(sd, scale_layer, s_off))
+    return ffi::Error::InvalidArgument("int8_matmul: expected x [M, K], w [(L,) N, K] int8, scale [(L,) N, G]");
+  const int64_t r = wd.size() - 2, q = sd.size() - 2;
+  const int64_t M = xd[0], K = xd[1], N = wd[r], G = sd[q + 1];
+  if (wd[r + 1] != K || sd[q] != N || G < 1 || K % G != 0)
+    return ffi::Error::InvalidArgument("int8_matmul: expected x [M, K], w [(L,) N, K] int8, scale [(L,) N, G]"
+                                       " with G dividing K");
+  const float* xp = x.typed_data();
+  const int8_t* wp = w.typed_data() + w_off;
+  const float* sp = scale.typed_data() + s_off;
+  float* yp = y->typed_data();
+  const int64_t gs = K / G;
+  parallel_for(pool, (N + kChunk - 1) / kChunk, [=](int64_t c) {
+    std::unique_ptr<float[]> buffer(M > 1 ? new float[K] : nullptr);
+    int64_t n0 = c * kChunk, n1 = std::min(N, n0 + kChunk);
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
+      rows_block(xp + m0 * K, wp, sp, yp + m0 * N, std::min(kMaxRows, M - m0), n0, n1, K, N, gs, buffer.get());
+  });
+  return ffi::Error::Success();
+}
+
+// ---- float32 / bfloat16 weights [K, N]: y[m, :] = sum_k x[m, k] * w[k, :], one panel of output columns at a time
+// (a task), the rows of the panel prefetched a few steps ahead
+
+#if defined(__AVX512F__)
+constexpr int kVW = 16;  // floats per vector register
+constexpr int kNV = 8;   // vectors per panel row: a panel is 128 columns wide
+#else
+constexpr int kVW = 8;
+constexpr int kNV = 4;
+#endif
+constexpr int64_t kPanel = kVW * kNV;
+constexpr int64_t kKChunk = 256;  // rows of a panel that stay in cache while every row group of x passes over them
+constexpr int64_t kAhead = 8;     // weight rows prefetched ahead
+
+typedef float vf __attribute__((vector_size(kVW * 4)));
+typedef uint16_t vh __attribute__((vector_size(kVW * 2)));
+typedef uint32_t vu __attribute__((vector_size(kVW * 4)));
+
+inline vf load_w(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vf load_w(const uint16_t* p) {  // bfloat16 -> float32: the 16 bits are the top half of the float
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// MR rows of x against NV vectors of columns starting at n0, over weight rows k0..k1; accumulates into y
+template <typename T, int MR, int NV>
+void panel_rows(const float* x, int64_t K, const T* w, int64_t N, float* y, int64_t n0, int64_t k0, int64_t k1,
+                bool prefetch) {
+  vf acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = load_w(y + r * N + n0 + j * kVW);
+  constexpr int kLines = (NV * kVW * sizeof(T) + 63) / 64;
+  for (int64_t k = k0; k < k1; ++k) {
+    const T* wk = w + k * N + n0;
+    if (prefetch && k + kAhead < k1)
+      for (int l = 0; l < kLines; ++l) __builtin_prefetch(reinterpret_cast<const char*>(wk + kAhead * N) + 64 * l);
+    vf wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = load_w(wk + j * kVW);
+    for (int r = 0; r < MR; ++r) {
+      const vf xb = vf{} + x[r * K + k];
+      for (int j = 0; j < NV; ++j) acc[r][j] += xb * wv[j];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NV; ++j) std::memcpy(y + r * N + n0 + j * kVW, &acc[r][j], sizeof(vf));
+}
+
+// MR rows of x against the nv vectors of columns from n0, in blocks of at most NVB vectors
+template <typename T, int MR, int NVB>
+void panel_block(int nv, const float* x, int64_t K, const T* w, int64_t N, float* y, int64_t n0, int64_t k0,
+                 int64_t k1, bool prefetch) {
+  if constexpr (NVB >= 1) {
+    if (nv >= NVB) {
+      for (; nv >= NVB; nv -= NVB, n0 += NVB * kVW) panel_rows<T, MR, NVB>(x, K, w, N, y, n0, k0, k1, prefetch);
+    }
+    if (nv > 0) panel_block<T, MR, NVB - 1>(nv, x, K, w, N, y, n0, k0, k1, prefetch);
+  }
+}
+
+// all M rows of x against the nv vectors of columns from n0 (one panel): four rows share each loaded weight where
+// there are four (half a panel at a time, so the sums stay in registers), then two, then one
+template <typename T>
+void panel(int nv, const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t n0) {
+  for (int64_t m = 0; m < M; ++m) std::memset(y + m * N + n0, 0, nv * kVW * sizeof(float));
+  for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
+    const int64_t k1 = std::min(K, k0 + kKChunk);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      panel_block<T, 4, kNV / 2>(nv, x + m * K, K, w, N, y + m * N, n0, k0, k1, m == 0);
+    for (; m + 2 <= M; m += 2) panel_block<T, 2, kNV>(nv, x + m * K, K, w, N, y + m * N, n0, k0, k1, m == 0);
+    if (m < M) panel_block<T, 1, kNV>(nv, x + m * K, K, w, N, y + m * N, n0, k0, k1, m == 0);
+  }
+}
+
+// columns n0..n1 (fewer than one vector) one at a time
+template <typename T>
+void columns(const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * widen(w[k * N + n]);
+      y[m * N + n] = s;
+    }
+}
+
+template <typename T>
+void dense(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* y) {
+  const int64_t vectors = N / kVW;
+  const int64_t panels = (vectors + kNV - 1) / kNV;
+  parallel_for(pool, panels + (N % kVW ? 1 : 0), [=](int64_t c) {
+    if (c == panels) return columns(x, M, K, w, N, y, vectors * kVW, N);
+    const int nv = static_cast<int>(std::min<int64_t>(kNV, vectors - c * kNV));
+    panel<T>(nv, x, M, K, w, N, y, c * kPanel);
+  });
+}
+
+ffi::Error DenseMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t layer) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  int64_t off = 0;
+  if (xd.size() != 2 || !layer_offset(wd, layer, off) || wd[wd.size() - 2] != xd[1])
+    return ffi::Error::InvalidArgument("dense_matmul: expected x [M, K] and w [(L,) K, N]");
+  const int64_t M = xd[0], K = xd[1], N = wd[wd.size() - 1];
+  if (w.element_type() == ffi::DataType::F32) {
+    dense(pool, x.typed_data(), M, K, static_cast<const float*>(w.untyped_data()) + off, N, y->typed_data());
+  } else if (w.element_type() == ffi::DataType::BF16) {
+    dense(pool, x.typed_data(), M, K, static_cast<const uint16_t*>(w.untyped_data()) + off, N, y->typed_data());
+  } else {
+    return ffi::Error::InvalidArgument("dense_matmul: weights must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RssJaxInt8Matmul, Int8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("layer")
+                                  .Attr<int64_t>("scale_layer"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RssJaxDenseMatmul, DenseMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("layer"));

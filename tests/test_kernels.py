@@ -1,0 +1,137 @@
+"""The CPU decode kernels (rss_jax/kernels/matmul.cc) against NumPy, and the decode loop that hands them each layer
+of the stacked weights in place (`kernels.LayerWeight`), with its KV writes deferred to after the last layer."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rss_jax as rj
+from rss_jax import kernels
+from rss_jax.cache import init_cache
+from rss_jax.models import base, layers
+
+needs_kernel = pytest.mark.skipif(not kernels.kernel_available(), reason="no CPU kernel on this backend")
+
+
+def _ref(x, w):
+    return np.asarray(x, np.float64) @ np.asarray(jnp.asarray(w, jnp.float32), np.float64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_matmul_reads_one_layer_of_a_stack(dtype):
+    """Every layer of a stack [L, K, N], at row counts the kernel takes (1-64: one and two rows at a time, an odd
+    remainder) and one above (XLA's path), with N leaving a partial panel and a tail of single columns, and K not a
+    multiple of anything. bfloat16 weights are compared with float64 products of the same rounded weights."""
+    rng = np.random.default_rng(0)
+    L, K, N = 3, 37, 300
+    w = jnp.asarray(rng.normal(size=(L, K, N)), jnp.float32).astype(dtype)
+    f = jax.jit(kernels.dense_matmul, static_argnums=2)
+    for rows in (1, 2, 5, 64, 65):
+        x = jnp.asarray(rng.normal(size=(rows, K)), jnp.float32)
+        for layer in range(L):
+            want = _ref(x, w[layer])
+            got = np.asarray(f(x, w, layer))
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max(),
+                                       err_msg=f"rows {rows} layer {layer}")
+    # a plain [K, N] matrix, leading dimensions on x, and the output dtype follows x
+    x = jnp.asarray(rng.normal(size=(2, 3, K)), jnp.float32).astype(dtype)
+    got = kernels.dense_matmul(x, w[1])
+    assert got.shape == (2, 3, N) and got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), _ref(x.reshape(6, K), w[1]).reshape(2, 3, N),
+                               rtol=2e-2, atol=2e-2 * 8)
+
+
+@needs_kernel
+def test_int8_matmul_reads_one_layer_of_a_stack():
+    """Stacked int8 rows [L, N, K] with float32 and with bfloat16 scales (those are widened one layer at a time)."""
+    rng = np.random.default_rng(1)
+    q, s = kernels.quantize_rows(rng.normal(size=(3, 40, 64)).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
+    for scale in (s, s.astype(jnp.bfloat16)):
+        for layer in range(3):
+            w = np.asarray(kernels.dequantize_rows(q[layer], scale[layer]), np.float64)
+            got = np.asarray(kernels.int8_matmul(x, q, scale, layer=layer))
+            np.testing.assert_allclose(got, np.asarray(x, np.float64) @ w.T, rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_inputs_are_checked():
+    with pytest.raises(ValueError, match="float32 or bfloat16 weights"):
+        kernels.dense_matmul(jnp.zeros((1, 4)), jnp.zeros((4, 3), jnp.float16))
+    with pytest.raises(ValueError, match=r"x \[..., K\]"):
+        kernels.dense_matmul(jnp.zeros((1, 5)), jnp.zeros((2, 4, 3)), 1)
+
+
+def test_attention_of_new_tokens_over_the_unwritten_cache_equals_numpy():
+    """The unrolled loop's attention reads a layer's slots before this forward writes them and attends to the new
+    tokens from k and v themselves. Against NumPy attention over the cache with the new tokens written in: ragged
+    lengths, garbage in every slot at or past a row's length (it must not count), T = 1 and a block of T = 4."""
+    rng = np.random.default_rng(2)
+    B, S, KVH, G, D = 3, 12, 2, 3, 8
+    for t, lengths in ((1, [0, 5, 11]), (4, [0, 2, 8])):
+        old_k = rng.normal(size=(B, S, KVH, D)).astype(np.float32) * 3
+        old_v = rng.normal(size=(B, S, KVH, D)).astype(np.float32) * 3
+        k = rng.normal(size=(B, t, KVH, D)).astype(np.float32)
+        v = rng.normal(size=(B, t, KVH, D)).astype(np.float32)
+        q = rng.normal(size=(B, t, KVH, G, D)).astype(np.float32)
+        got = np.asarray(layers._short_attention_split(jnp.asarray(q), jnp.asarray(old_k), jnp.asarray(old_v),
+                                                       jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths)))
+        for b in range(B):
+            n = lengths[b]
+            keys = np.concatenate([old_k[b, :n], k[b]])  # [n + t, KVH, D]
+            vals = np.concatenate([old_v[b, :n], v[b]])
+            for i in range(t):
+                sc = np.einsum("kgd,skd->kgs", q[b, i], keys[:n + i + 1]) / np.sqrt(D)
+                p = np.exp(sc - sc.max(-1, keepdims=True))
+                p /= p.sum(-1, keepdims=True)
+                want = np.einsum("kgs,skd->kgd", p, vals[:n + i + 1])
+                np.testing.assert_allclose(got[b, i], want, rtol=1e-5, atol=1e-5, err_msg=f"t {t} row {b} token {i}")
+
+
+@needs_kernel
+def test_decode_model_hands_the_kernels_each_layer_in_place(tiny_checkpoints, monkeypatch):
+    """On the CPU the unrolled loop gets `LayerWeight`s for every matrix (no per-layer copies) and slices only the
+    small vectors. bfloat16 models take it too (their products in the kernel): their cached logits stay within
+    bfloat16 rounding of the float32 model's, and no further from them than the scanned loop's (XLA's bfloat16
+    products)."""
+    path, _ = tiny_checkpoints["llama_gqa_llama3rope"]
+    lm = rj.load(path, dtype="bfloat16")
+
+    def layer_list(state):
+        model = base.decode_model(lm.graphdef, state)
+        return model.__dict__.get("_layer_list")
+
+    seen = {}
+
+    @jax.jit
+    def probe(state):
+        per_layer = layer_list(state)
+        seen["kinds"] = {k: type(v).__name__ for k, v in per_layer[0].items()}
+        return per_layer[0]["attn_norm"]
+    probe(lm.state)
+    assert {k for k, v in seen["kinds"].items() if v == "LayerWeight"} == set(lm.module.QUANT_LAYER_PARAMS)
+    assert seen["kinds"]["attn_norm"] != "LayerWeight"
+
+    tokens = jnp.asarray([[5, 9, 11, 3, 7, 2, 8, 8]])
+
+    def logits_of(lm_, mode):
+        monkeypatch.setenv(base.LAYER_LOOP_ENV, mode)
+
+        @jax.jit
+        def run(state):  # a prefill of 5 tokens, then 3 single cached steps
+            model = base.decode_model(lm_.graphdef, state)
+            cache = init_cache(lm_.config, 1, 16, dtype=base.compute_dtype(state))
+            first, cache = model(tokens[:, :5], cache=cache, lengths=jnp.zeros((1,), jnp.int32))
+            outs = [first[0]]
+            for i in range(5, 8):
+                step, cache = model(tokens[:, i:i + 1], cache=cache, lengths=jnp.full((1,), i, jnp.int32))
+                outs.append(step[0])
+            return jnp.concatenate(outs)
+        return np.asarray(run(lm_.state), np.float32)
+
+    want = logits_of(rj.load(path), "scan")  # float32
+    err = {mode: np.abs(logits_of(lm, mode) - want).max() for mode in ("unroll", "scan")}
+    assert err["unroll"] < 0.05 * np.abs(want).max(), err
+    assert err["unroll"] <= 2 * err["scan"] + 1e-3, err  # the kernel's float32 sums are no worse than XLA's bf16
