@@ -73,8 +73,8 @@ def decode_model(graphdef, state):
         matrices = set(model.QUANT_LAYER_PARAMS) & set(stacked)
         in_place = (bool(matrices) and kernel_available() and jax.sharding.get_abstract_mesh().empty
                     and all(stacked[n].dtype in (jnp.float32, jnp.bfloat16, int8) for n in matrices))
-        # int8 weights read like float32 ones (their products are the CPU kernel's whatever the scales' dtype):
-        # per-layer buffers pay there too
+        # without the kernels, int8 weights read like float32 ones (their products widen them whatever the scales'
+        # dtype): per-layer buffers pay there too
         if unroll_layers(size, dtypes <= {jnp.dtype(jnp.float32), int8} or int8 in dtypes, in_place):
             in_place_names = matrices if in_place else set()
             scales = {n + "_scale" for n in in_place_names}

@@ -91,10 +91,11 @@ def attention(q, k, v, cache_k=None, cache_v=None, lengths=None):
     short = t <= FUSED_ATTENTION_MAX_T and jax.default_backend() == "cpu"
     if isinstance(cache_k, LayerSlot):  # the unrolled layer loop: the stacked cache comes back, updated in place
         i = cache_k.index
-        if short:
-            # this layer's slots are read before the write, and the new tokens are attended to from k and v
-            # themselves: a read of the written buffer made XLA on CPU copy the whole stacked cache at every layer
-            # (the writes themselves wait for `scan_layers` to do them after the last layer)
+        if short and t == 1:
+            # a decode step: this layer's slots are read before the write, and the new token is attended to from
+            # k and v themselves: a read of the written buffer made XLA on CPU copy the whole stacked cache at every
+            # layer (the writes wait for `scan_layers` to do them after the last layer). Blocks of several tokens
+            # keep the write-then-read path: this one made XLA's compile of the speculative loops 7x slower.
             out = _short_attention_split(q.reshape(b, t, kvh, h // kvh, d), cache_k.read(), cache_v.read(), k, v,
                                          lengths)
             return (out.reshape(b, t, h * d).astype(q.dtype), cache_k.defer(k, lengths),
@@ -157,9 +158,13 @@ def _short_attention_split(qg, old_k, old_v, k, v, lengths):
     new = jnp.sum(qf[:, :, None] * k.astype(jnp.float32)[:, None, :, :, None, :], axis=-1)  # [B, T, T', KVH, G]
     causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [T, T']
     new = jnp.where(causal[None, :, :, None, None], new, -1e30)
-    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=2), axis=2)
-    return (jnp.sum(probs[:, :, :s, ..., None] * old_v.astype(jnp.float32)[:, None, :, :, None, :], axis=2)
-            + jnp.sum(probs[:, :, s:, ..., None] * v.astype(jnp.float32)[:, None, :, :, None, :], axis=2))
+    # one softmax over both parts, without joining them: a shared maximum, then each part's weights and sums
+    top = jnp.maximum(jnp.max(old, axis=2, keepdims=True), jnp.max(new, axis=2, keepdims=True))
+    e_old, e_new = jnp.exp(old - top), jnp.exp(new - top)
+    total = jnp.sum(e_old, axis=2) + jnp.sum(e_new, axis=2)  # [B, T, KVH, G]
+    out = (jnp.sum(e_old[..., None] * old_v.astype(jnp.float32)[:, None, :, :, None, :], axis=2)
+           + jnp.sum(e_new[..., None] * v.astype(jnp.float32)[:, None, :, :, None, :], axis=2))
+    return out / total[..., None]
 
 
 def scan_layers(block, layer_params, h, cache_k=None, cache_v=None, collect: bool = False):
@@ -167,10 +172,12 @@ def scan_layers(block, layer_params, h, cache_k=None, cache_v=None, collect: boo
     [L, B, S, KVH, D] or None (uncached forward).
 
     `layer_params` is either a dict of stacked [L, ...] arrays, run by one lax.scan (compile time does not grow with
-    depth), or a list of per-layer dicts that were sliced once, outside any decode loop (`base.decode_model`), run
-    by an unrolled Python loop. The second form exists for the CPU backend: there a scan slices each layer's weights
-    out of the stacked arrays into fresh buffers at every step, which reads and writes every weight once more per
-    decoded token; per-layer buffers let each matrix product read the weights in place.
+    depth), or a list of per-layer dicts made outside any decode loop (`base.decode_model`), run by an unrolled
+    Python loop. The second form exists for the CPU backend: there a scan slices each layer's weights out of the
+    stacked arrays into fresh buffers at every step, which reads and writes every weight once more per decoded
+    token. In the list the matrices are `kernels.LayerWeight`s that the CPU kernels read in place (or, without the
+    kernels, per-layer buffers sliced once per call). With a cache, a layer whose attention took the few-token path
+    hands back a `cache.DeferredWrite`, and all of them are written here after the last layer, in one scatter.
     Returns (h, cache_k, cache_v), plus with `collect` every layer's output residual stream [L, B, T, E] (the
     taps a feature draft reads; the same forward, no second pass)."""
     if isinstance(layer_params, (list, tuple)):
