@@ -124,29 +124,15 @@ def kernel_available() -> bool:
 
 class LayerWeight:
     """Layer `index` of a stacked weight array [L, ...] (and of its int8 scales), as a decode loop hands it to
-    `layers.linear`: the kernels read that layer in place; other paths slice it out (`value`)."""
+    `layers.linear`: the kernels read that layer in place; their XLA paths slice it out."""
 
     def __init__(self, stacked, index: int, scale=None):
         self.stacked, self.index, self.scale = stacked, index, scale
 
-    @property
-    def value(self):
-        return self.stacked[self.index]
 
-    @property
-    def dtype(self):
-        return self.stacked.dtype
-
-    @property
-    def shape(self):
-        return self.stacked.shape[1:]
-
-
-def _layer_of(w, layer):
-    """(array, layer) with a 2-D array seen as a stack of one."""
-    if layer is None:
-        return w, 0, w.shape
-    return w, int(layer), w.shape[1:]
+def _layer_shape(w, layer):
+    """(layer, the shape of one layer) with a 2-D array seen as a stack of one."""
+    return (0, w.shape) if layer is None else (int(layer), w.shape[1:])
 
 
 def _rows(x):
@@ -157,9 +143,10 @@ def _rows(x):
 def dense_matmul(x, w, layer: int | None = None, out_dtype=None):
     """x [..., K] float times float32 or bfloat16 weights w [K, N] (or layer `layer` of a stack [L, K, N]) ->
     [..., N] in `out_dtype` (default x's dtype). The CPU kernel computes in float32 (bfloat16 x and weights are
-    widened; the weights inside the product); the XLA path is `einsum` in x's dtype."""
+    widened; the weights inside the product); the XLA path is `einsum` in x's dtype, except bfloat16 weights on the
+    CPU, which it widens to float32 first."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    w, layer, (k, n) = _layer_of(w, layer)
+    layer, (k, n) = _layer_shape(w, layer)
     if x.shape[-1] != k or w.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"dense_matmul needs x [..., K] and float32 or bfloat16 weights [(L,) K, N]; got x {x.shape}"
                          f", w {w.shape} {w.dtype}")
@@ -184,7 +171,7 @@ def int8_matmul(x, w, scale, out_dtype=None, layer: int | None = None):
     The CPU kernel computes in float32 (a bfloat16 x is widened first); the XLA path computes in x's dtype and
     accumulates in `out_dtype`."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    w, layer, wshape = _layer_of(w, layer)
+    layer, wshape = _layer_shape(w, layer)
     sshape = scale.shape if scale.ndim == 2 else scale.shape[1:]
     if (w.dtype != jnp.int8 or len(wshape) != 2 or len(sshape) != 2 or scale.ndim != w.ndim
             or sshape[0] != wshape[0] or wshape[1] % sshape[1] or x.shape[-1] != wshape[1]):
