@@ -118,9 +118,9 @@ def finish_output(lm, tokens, prompt_ids, stats: dict) -> GenerateOutput:
     return GenerateOutput(texts=texts, tokens=tokens, lengths=lengths, stats=stats, prompt_ids=prompt_ids)
 
 
-# XLA's CPU options for the compiled loops: YNNPACK fusions for matrix products only. Its reduction fusions ran the
-# few-token attention reductions of a decode step (a few kilobytes each) at about 40 us apiece, 1.5-2 ms of an int8
-# step of the 135M model (docs/benchmarks.md); XLA's own loop fusions do them in a fraction of that
+# XLA's CPU options for the compiled loops: YNNPACK fusions for matrix products only. Its reduction fusions were
+# slow on the few-token attention reductions of a decode step (a few kilobytes each; docs/benchmarks.md), where
+# XLA's own loop fusions are faster; its matrix products are kept for the prefills
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
