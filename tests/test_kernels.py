@@ -135,3 +135,46 @@ def test_decode_model_hands_the_kernels_each_layer_in_place(tiny_checkpoints, mo
     err = {mode: np.abs(logits_of(lm, mode) - want).max() for mode in ("unroll", "scan")}
     assert err["unroll"] < 0.05 * np.abs(want).max(), err
     assert err["unroll"] <= 2 * err["scan"] + 1e-3, err  # the kernel's float32 sums are no worse than XLA's bf16
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_rows_matmul_equals_numpy(dtype):
+    """Output-major weights [N, K] (a tied head's token table): row counts on both sides of the kernel's range, N
+    not a multiple of the four rows read together, K not a multiple of the vector width."""
+    rng = np.random.default_rng(2)
+    n, k = 303, 45
+    w = jnp.asarray(rng.normal(size=(n, k)), jnp.float32).astype(dtype)
+    f = jax.jit(kernels.dense_rows_matmul)
+    for rows in (1, 2, 3, 4, 5, 7, 8, 65):
+        x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
+        want = _ref(x, jnp.asarray(w, jnp.float32).T)
+        got = np.asarray(f(x, w))
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max(), err_msg=f"rows {rows}")
+    with pytest.raises(ValueError, match=r"weights \[N, K\]"):
+        kernels.dense_rows_matmul(jnp.zeros((1, 4)), jnp.zeros((3, 5)))
+
+
+@pytest.mark.parametrize("kvh", [1, 3, 6])
+def test_few_token_attention_equals_numpy_for_any_kv_head_count(kvh):
+    """The block-product layout (up to BLOCK_PRODUCT_MAX_KV_HEADS KV heads) and the broadcast one above it give
+    softmax attention over the visible slots, against a NumPy loop over heads."""
+    rng = np.random.default_rng(3)
+    b, t, g, d, s = 2, 3, 2, 8, 11
+    qg = rng.normal(size=(b, t, kvh, g, d)).astype(np.float32)
+    keys = rng.normal(size=(b, s, kvh, d)).astype(np.float32)
+    values = rng.normal(size=(b, s, kvh, d)).astype(np.float32)
+    lengths = np.array([2, 6])
+    mask = np.arange(s)[None, None, :] <= (lengths[:, None] + np.arange(t)[None, :])[:, :, None]
+    got = np.asarray(layers._fused_short_attention(jnp.asarray(qg), jnp.asarray(keys), jnp.asarray(values),
+                                                   jnp.asarray(mask)))
+    want = np.zeros_like(got)
+    for bi in range(b):
+        for ti in range(t):
+            vis = mask[bi, ti]
+            for h in range(kvh):
+                for gi in range(g):
+                    sc = keys[bi, vis, h] @ qg[bi, ti, h, gi] / np.sqrt(d)
+                    p = np.exp(sc - sc.max()); p /= p.sum()
+                    want[bi, ti, h, gi] = p @ values[bi, vis, h]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -40,6 +40,7 @@ import numpy as np
 KERNEL_ENV = "RSS_JAX_INT8_KERNEL"  # the name predates the float kernel; it switches both
 TARGET = "rss_jax_int8_matmul"
 DENSE_TARGET = "rss_jax_dense_matmul"
+DENSE_ROWS_TARGET = "rss_jax_dense_rows_matmul"
 # above this many activation rows (a prefill) the product is bound by arithmetic, and XLA's float product of the
 # widened weights is the faster path
 KERNEL_MAX_ROWS = 64
@@ -110,6 +111,7 @@ def _registered() -> bool:
         lib = ctypes.cdll.LoadLibrary(path)
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RssJaxInt8Matmul), platform="cpu")
         jax.ffi.register_ffi_target(DENSE_TARGET, jax.ffi.pycapsule(lib.RssJaxDenseMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(DENSE_ROWS_TARGET, jax.ffi.pycapsule(lib.RssJaxDenseRowsMatmul), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure leaves the XLA path, which is always correct
         warnings.warn(f"the CPU product kernels are not available ({type(e).__name__}: {e}); decode products use "
                       "XLA's slower path")
@@ -161,6 +163,36 @@ def dense_matmul(x, w, layer: int | None = None, out_dtype=None):
         # layer's weights for one product costs less than the difference
         return jnp.einsum("...k,kn->...n", x.astype(jnp.float32), ws.astype(jnp.float32)).astype(out_dtype)
     return jnp.einsum("...k,kn->...n", x, ws.astype(x.dtype), preferred_element_type=out_dtype)
+
+
+def rows_kernel_pays(rows: int, dtype) -> bool:
+    """Whether `dense_rows_matmul` hands `rows` activation rows against [N, K] weights of `dtype` to the kernel:
+    bfloat16 always (XLA on CPU widens a bfloat16 table at every product), float32 from 2 to 7 rows (XLA's one-row
+    product already reads the table at the memory's speed, and from 8 rows on its blocked product was the faster
+    one in a timing of both on a 2-core AMD EPYC; the speculative benchmark's AR and SD rows show the effect)."""
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return 0 < rows <= KERNEL_MAX_ROWS
+    return 2 <= rows <= 7
+
+
+def dense_rows_matmul(x, w, out_dtype=None):
+    """x [..., K] float times float32 or bfloat16 weights w [N, K] stored output-major (a token table that the output
+    head is tied to, a trimmed head's rows) -> x @ w.T, [..., N] in `out_dtype` (default x's dtype). The CPU kernel
+    reads each weight row once, straight from the table, for up to KERNEL_MAX_ROWS activation rows, in float32;
+    the XLA path is `einsum` accumulating in `out_dtype`. On the CPU XLA's product of a few rows against a 49k-row
+    table ran at a third of the speed of its one-row product (YNNPACK's kernel for a short, wide output)."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if w.ndim != 2 or x.shape[-1] != w.shape[1] or w.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"dense_rows_matmul needs x [..., K] and float32 or bfloat16 weights [N, K]; got x {x.shape}"
+                         f", w {w.shape} {w.dtype}")
+    lead, rows = _rows(x)
+    n, k = w.shape
+    if rows_kernel_pays(rows, w.dtype) and kernel_available():
+        call = jax.ffi.ffi_call(DENSE_ROWS_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32),
+                                vmap_method="sequential")
+        y = call(x.reshape(rows, k).astype(jnp.float32), w, layer=np.int64(0))
+        return y.reshape(*lead, n).astype(out_dtype)
+    return jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), preferred_element_type=out_dtype)
 
 
 def int8_matmul(x, w, scale, out_dtype=None, layer: int | None = None):

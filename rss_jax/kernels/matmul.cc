@@ -8,6 +8,8 @@
 //   quantisation: the weights are read once, at one byte each, and never written back as floats).
 // * RssJaxDenseMatmul: y = x @ w[layer] for float32 or bfloat16 weights [K, N] (input-major, as the models store
 //   them); bfloat16 weights are widened inside the product, accumulation is in float32.
+// * RssJaxDenseRowsMatmul: y = x @ w[layer].T for float32 or bfloat16 weights [N, K] (output-major: the token
+//   table that an output head is tied to, the rows of a trimmed head), each output a dot product of contiguous rows.
 //
 // Output channels are split over XLA's intra-op thread pool.
 #include <algorithm>
@@ -321,6 +323,89 @@ ffi::Error DenseMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
   return ffi::Error::Success();
 }
 
+// ---- float32 / bfloat16 weights [N, K] (output-major): y[m, n] = sum_k x[m, k] * w[n, k]. Four weight rows at a
+// time are read once, straight from memory, while up to four rows of x (in L1) pass over them; each (m, n) sum is
+// kept in one vector and reduced across its lanes at the end.
+
+inline float lane_sum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < kVW; ++i) s += v[i];
+  return s;
+}
+
+template <typename T, int MR, int NB>
+void rows_dot(const float* x, int64_t K, const T* w, float* y, int64_t N, int64_t n) {
+  vf acc[MR][NB];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = vf{};
+  const int64_t kv = K / kVW * kVW;
+  for (int64_t k = 0; k < kv; k += kVW) {
+    vf wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = load_w(w + (n + j) * K + k);
+    for (int r = 0; r < MR; ++r) {
+      const vf xv = load_w(x + r * K + k);
+      for (int j = 0; j < NB; ++j) acc[r][j] += xv * wv[j];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NB; ++j) {
+      float s = lane_sum(acc[r][j]);
+      for (int64_t k = kv; k < K; ++k) s += x[r * K + k] * widen(w[(n + j) * K + k]);
+      y[r * N + n + j] = s;
+    }
+}
+
+template <typename T>
+void rows_dot_one(const float* x, int64_t M, int64_t K, const T* w, float* y, int64_t N, int64_t n) {
+  for (int64_t m = 0; m < M; ++m) {
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * widen(w[n * K + k]);
+    y[m * N + n] = s;
+  }
+}
+
+constexpr int64_t kRowsChunk = 256;  // output channels per task
+
+template <typename T>
+void dense_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* y) {
+  parallel_for(pool, (N + kRowsChunk - 1) / kRowsChunk, [=](int64_t c) {
+    const int64_t n0 = c * kRowsChunk, n1 = std::min(N, n0 + kRowsChunk);
+    int64_t n = n0;
+    if (M == 1) {  // one row: eight weight rows per pass, so eight sums are in flight
+      for (; n + 8 <= n1; n += 8) rows_dot<T, 1, 8>(x, K, w, y, N, n);
+    }
+    for (; n + 4 <= n1; n += 4) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) rows_dot<T, 4, 4>(x + m * K, K, w, y + m * N, N, n);
+      switch (M - m) {
+        case 3: rows_dot<T, 3, 4>(x + m * K, K, w, y + m * N, N, n); break;
+        case 2: rows_dot<T, 2, 4>(x + m * K, K, w, y + m * N, N, n); break;
+        case 1: rows_dot<T, 1, 4>(x + m * K, K, w, y + m * N, N, n); break;
+        default: break;
+      }
+    }
+    for (; n < n1; ++n) rows_dot_one<T>(x, M, K, w, y, N, n);
+  });
+}
+
+ffi::Error DenseRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                               ffi::ResultBuffer<ffi::F32> y, int64_t layer) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  int64_t off = 0;
+  if (xd.size() != 2 || !layer_offset(wd, layer, off) || wd[wd.size() - 1] != xd[1])
+    return ffi::Error::InvalidArgument("dense_rows_matmul: expected x [M, K] and w [(L,) N, K]");
+  const int64_t M = xd[0], K = xd[1], N = wd[wd.size() - 2];
+  if (w.element_type() == ffi::DataType::F32) {
+    dense_rows(pool, x.typed_data(), M, K, static_cast<const float*>(w.untyped_data()) + off, N, y->typed_data());
+  } else if (w.element_type() == ffi::DataType::BF16) {
+    dense_rows(pool, x.typed_data(), M, K, static_cast<const uint16_t*>(w.untyped_data()) + off, N,
+               y->typed_data());
+  } else {
+    return ffi::Error::InvalidArgument("dense_rows_matmul: weights must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RssJaxInt8Matmul, Int8MatmulImpl,
@@ -334,6 +419,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RssJaxInt8Matmul, Int8MatmulImpl,
                                   .Attr<int64_t>("scale_layer"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RssJaxDenseMatmul, DenseMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("layer"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RssJaxDenseRowsMatmul, DenseRowsMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

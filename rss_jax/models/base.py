@@ -9,7 +9,8 @@ import numpy as np
 from flax import nnx
 
 from rss_jax.cache import KVCache
-from rss_jax.kernels import LayerWeight, dequantize_rows, int8_matmul, kernel_available, quantize_param
+from rss_jax.kernels import (LayerWeight, dense_rows_matmul, dequantize_rows, int8_matmul, kernel_available,
+                             quantize_param)
 from rss_jax.models.config import check_token_ids
 from rss_jax.models.layers import default_positions
 
@@ -65,6 +66,8 @@ def decode_model(graphdef, state):
     layer's weights are sliced out here, once, before the loop, so the loop body reads them in place at every step.
     Other modules are merged as they are."""
     model = nnx.merge(graphdef, state)
+    # output heads of this merged copy may use the CPU kernels, which have no gradient (`head_product`)
+    object.__setattr__(model, "_decode_kernels", kernel_available() and jax.sharding.get_abstract_mesh().empty)
     if isinstance(model, CausalLM) and model.config.num_layers > 0:
         stacked = model.stacked_layer_params()
         size = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in stacked.values())
@@ -87,6 +90,16 @@ def decode_model(graphdef, state):
             # a plain attribute of this traced, throw-away module, not a Variable: it is never split again
             object.__setattr__(model, "_layer_list", per_layer)
     return model
+
+
+def head_product(module, h, rows):
+    """h [..., E] times output rows [N, E] (a token table, a trimmed head's rows) -> float32 logits [..., N]. In a
+    module that `decode_model` merged, float32 and bfloat16 rows go through `kernels.dense_rows_matmul` (XLA on CPU
+    widens a bfloat16 table at every product and runs a few rows against a 49k-row table at a third of its one-row
+    speed); elsewhere (training, meshes) it is an einsum in h's dtype."""
+    if module.__dict__.get("_decode_kernels") and rows.dtype in (jnp.float32, jnp.bfloat16):
+        return dense_rows_matmul(h, rows, jnp.float32)
+    return jnp.einsum("...e,ve->...v", h, rows.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 class CausalLM(nnx.Module):
@@ -194,8 +207,7 @@ class CausalLM(nnx.Module):
         ids = self.config.head_token_ids
         if ids:
             rows, scale = self._table("head_rows")
-            logits = (int8_matmul(h, rows, scale, jnp.float32) if scale is not None else
-                      jnp.einsum("bte,ve->btv", h, rows.astype(h.dtype), preferred_element_type=jnp.float32))
+            logits = int8_matmul(h, rows, scale, jnp.float32) if scale is not None else head_product(self, h, rows)
             # scatter into the full vocabulary as a gather: slot len(ids) of the padded row holds -inf
             where = np.full((self.config.vocab_size,), len(ids), np.int32)
             where[np.asarray(ids)] = np.arange(len(ids), dtype=np.int32)
@@ -206,6 +218,6 @@ class CausalLM(nnx.Module):
             return int8_matmul(h, w, scale, jnp.float32)
         if self.head_transposed:  # [E, V]
             return jnp.einsum("bte,ev->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-        return jnp.einsum("bte,ve->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        return head_product(self, h, w)
 
     head_transposed = False

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rss_jax.models.base import normal_init
+from rss_jax.models.base import head_product, normal_init
 from rss_jax.models.config import ConfigError, _freeze, check_token_ids
 from rss_jax.kernels import int8_matmul, quantize_param
 from rss_jax.models.layers import activation, apply_rope, attention, default_positions, rms_norm, rope_inv_freq
@@ -246,7 +246,7 @@ class FeatureHead(nnx.Module):
     def logits(self, h, out_rows):
         """Output hidden states [B, T, E] -> logits over the draft vocabulary [B, T, |D|] float32."""
         y = rms_norm(h, self.out_norm.value, self.config.norm_eps)
-        return jnp.einsum("bte,ve->btv", y, out_rows.astype(y.dtype), preferred_element_type=jnp.float32)
+        return head_product(self, y, out_rows)
 
 
 def full_vocab(logits_d, token_ids: tuple, vocab: int):
