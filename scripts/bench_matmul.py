@@ -1,6 +1,8 @@
 """The matrix products a decode step is made of, alone: which weight layout and which dtype XLA runs fast here.
 
     .venv/bin/python scripts/bench_matmul.py              # -> results/bench_matmul.json
+    .venv/bin/python scripts/bench_matmul.py --head       # -> results/bench_matmul_head.json
+    .venv/bin/python scripts/bench_matmul.py --attention  # -> results/bench_matmul_attention.json
 
 A stack of 30 MLP-shaped layer pairs of SmolLM2-135M ([576, 1536] then [1536, 576]) is applied to a batch of
 activations 10 times inside one jitted fori_loop, as a decode loop applies its layers once per token. Rows:
@@ -13,6 +15,13 @@ activations 10 times inside one jitted fori_loop, as a decode loop applies its l
 
 GB/s is weight bytes read per second (the bound of a batch-1 decode step); `vs float32` is the time of the float32
 per-layer row over this row's time (above 1 = faster). The same process, one row after the other.
+
+`--head`: the output head of SmolLM2-135M (random [49152, 576] rows, float32 and bfloat16) against 1-8 activation
+rows, as `kernels.dense_rows_matmul`'s CPU kernel and as XLA's einsum (compiled with the decode loops' options);
+what `kernels.rows_kernel_pays` decides from. `--attention`: the few-token attention of 30 layers of SmolLM2's shape
+(3 KV heads, 3 query heads each, head size 64) over a cache, as block products (`layers._head_scores`, what the
+decode loops run) and as the broadcast products reduced over the head size (what they ran before, and still run
+above `layers.BLOCK_PRODUCT_MAX_KV_HEADS`), with the largest difference of the two results.
 """
 from __future__ import annotations
 
@@ -39,12 +48,112 @@ def best_time(fn, *args, repeats):
     return best
 
 
+def per_call(fn, *args, repeats, calls=10):
+    """Best over `repeats` of the mean time of `calls` back-to-back calls (s)."""
+    import jax
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+            r = fn(*args)
+        jax.block_until_ready(r)
+        best = min(best, (time.perf_counter() - t) / calls)
+    return best
+
+
+def bench_head(args):
+    import jax
+    import jax.numpy as jnp
+    from rss_jax import kernels
+    from rss_jax.decoding.common import compiler_options
+    from rss_jax.report import machine, table, write_json
+
+    if not kernels.kernel_available():
+        raise SystemExit("the CPU kernels are not available here (no C++ compiler, not the CPU backend, or "
+                         f"{kernels.KERNEL_ENV}=off): there is nothing to compare XLA's head product with")
+    rng = np.random.default_rng(0)
+    table_f32 = jnp.asarray(rng.standard_normal((49152, E), dtype=np.float32) * 0.05)
+    opts = compiler_options()
+    rows = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        w = table_f32.astype(dtype)
+        for m in (1, 2, 4, 5, 8):
+            x = jnp.asarray(rng.standard_normal((m, E), dtype=np.float32))
+            kernel = lambda x, w: jax.ffi.ffi_call(  # noqa: E731
+                kernels.DENSE_ROWS_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
+            xla = lambda x, w: jnp.einsum("mk,nk->mn", x, w.astype(x.dtype))  # noqa: E731
+            t_k = per_call(jax.jit(kernel).lower(x, w).compile(opts), x, w, repeats=args.repeats)
+            t_x = per_call(jax.jit(xla).lower(x, w).compile(opts), x, w, repeats=args.repeats)
+            rows.append({"weights": jnp.dtype(dtype).name, "rows": m, "kernel ms": t_k * 1e3, "XLA ms": t_x * 1e3,
+                         "XLA / kernel": t_x / t_k, "used": "kernel" if kernels.rows_kernel_pays(m, dtype) else "XLA"})
+    title = f"output head [49152, 576] x rows^T, {machine()}"
+    print(table(rows, title=title))
+    write_json(args.out or "results/bench_matmul_head.json",
+               {"machine": machine(), "rows": rows, "command": " ".join(sys.argv)})
+
+
+def bench_attention(args):
+    import jax
+    import jax.numpy as jnp
+    from rss_jax.decoding.common import compiler_options
+    from rss_jax.models import layers
+    from rss_jax.report import machine, table, write_json
+
+    kvh, g, d = 3, 3, 64
+
+    def broadcast(qg, keys, values, mask):  # the form the decode loops ran before the block products
+        qf = qg.astype(jnp.float32)
+        scores = jnp.sum(qf[:, :, None] * keys[:, None, :, :, None, :], axis=-1) / np.sqrt(d)
+        probs = jax.nn.softmax(jnp.where(mask[:, :, :, None, None], scores, -1e30), axis=2)
+        return jnp.sum(probs[..., None] * values[:, None, :, :, None, :], axis=2)
+
+    def loop(fn):
+        def run(q, k, v, mask):
+            def step(_, acc):
+                out = 0.0
+                for layer in range(L):
+                    out = out + fn(q[layer] + acc, k[layer], v[layer], mask)
+                return acc + 1e-3 * out
+            return jax.lax.fori_loop(0, STEPS, step, jnp.zeros_like(q[0]))
+        return run
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for b, t, s in [(1, 1, 256), (1, 4, 256), (1, 5, 512), (8, 1, 256), (64, 1, 400)]:
+        q = jnp.asarray(rng.standard_normal((L, b, t, kvh, g, d), dtype=np.float32))
+        k = jnp.asarray(rng.standard_normal((L, b, s, kvh, d), dtype=np.float32))
+        v = jnp.asarray(rng.standard_normal((L, b, s, kvh, d), dtype=np.float32))
+        lengths = np.full((b,), s // 2)
+        mask = jnp.asarray(np.arange(s)[None, None, :] <= (lengths[:, None] + np.arange(t)[None, :])[:, :, None])
+        out, times = {}, {}
+        for name, fn in (("block", layers._fused_short_attention), ("broadcast", broadcast)):
+            c = jax.jit(loop(fn)).lower(q, k, v, mask).compile(compiler_options())
+            out[name] = np.asarray(c(q, k, v, mask))
+            times[name] = best_time(c, q, k, v, mask, repeats=args.repeats) / STEPS
+        rows.append({"batch": b, "new tokens": t, "slots": s, "block ms": times["block"] * 1e3,
+                     "broadcast ms": times["broadcast"] * 1e3, "broadcast / block": times["broadcast"] / times["block"],
+                     "max diff": float(np.abs(out["block"] - out["broadcast"]).max())})
+    title = f"few-token attention, 30 layers (3 KV heads x 3, head size 64), per step; {machine()}"
+    print(table(rows, title=title))
+    write_json(args.out or "results/bench_matmul_attention.json",
+               {"machine": machine(), "rows": rows, "command": " ".join(sys.argv)})
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default="results/bench_matmul.json")
+    ap.add_argument("--head", action="store_true", help="time the output-head product instead (kernel vs XLA)")
+    ap.add_argument("--attention", action="store_true", help="time few-token attention instead (block vs "
+                    "broadcast products)")
+    ap.add_argument("--out", default=None, help="JSON path (default results/bench_matmul[_head|_attention].json)")
     args = ap.parse_args()
+    if args.head:
+        return bench_head(args)
+    if args.attention:
+        return bench_attention(args)
+    args.out = args.out or "results/bench_matmul.json"
 
     import jax
     import jax.numpy as jnp

@@ -166,12 +166,12 @@ def dense_matmul(x, w, layer: int | None = None, out_dtype=None):
 
 
 def rows_kernel_pays(rows: int, dtype) -> bool:
-    """Whether `dense_rows_matmul` hands `rows` activation rows against [N, K] weights of `dtype` to the kernel:
-    bfloat16 always (XLA on CPU widens a bfloat16 table at every product), float32 from 2 to 7 rows (XLA's one-row
-    product already reads the table at the memory's speed, and from 8 rows on its blocked product was the faster
-    one in a timing of both on a 2-core AMD EPYC; the speculative benchmark's AR and SD rows show the effect)."""
-    if jnp.dtype(dtype) == jnp.bfloat16:
-        return 0 < rows <= KERNEL_MAX_ROWS
+    """Whether `dense_rows_matmul` hands `rows` activation rows against [N, K] weights of `dtype` to the kernel: from
+    2 to 7 rows, and one row of bfloat16 weights (XLA's one-row bfloat16 product on CPU widens the whole table at
+    every call; its one-row float32 product already reads the table at the memory's speed, and from 8 rows on its
+    blocked product is as fast). `scripts/bench_matmul.py --head` times both ways on the machine at hand."""
+    if rows == 1:
+        return jnp.dtype(dtype) == jnp.bfloat16
     return 2 <= rows <= 7
 
 
@@ -179,8 +179,8 @@ def dense_rows_matmul(x, w, out_dtype=None):
     """x [..., K] float times float32 or bfloat16 weights w [N, K] stored output-major (a token table that the output
     head is tied to, a trimmed head's rows) -> x @ w.T, [..., N] in `out_dtype` (default x's dtype). The CPU kernel
     reads each weight row once, straight from the table, for up to KERNEL_MAX_ROWS activation rows, in float32;
-    the XLA path is `einsum` accumulating in `out_dtype`. On the CPU XLA's product of a few rows against a 49k-row
-    table ran at a third of the speed of its one-row product (YNNPACK's kernel for a short, wide output)."""
+    the XLA path is `einsum` accumulating in `out_dtype`. Where `rows_kernel_pays` says no, XLA's path is taken.
+    The kernel has no gradient: decode loops only (`models.base.decode_model` marks the modules that may use it)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if w.ndim != 2 or x.shape[-1] != w.shape[1] or w.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"dense_rows_matmul needs x [..., K] and float32 or bfloat16 weights [N, K]; got x {x.shape}"
@@ -190,7 +190,7 @@ def dense_rows_matmul(x, w, out_dtype=None):
     if rows_kernel_pays(rows, w.dtype) and kernel_available():
         call = jax.ffi.ffi_call(DENSE_ROWS_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32),
                                 vmap_method="sequential")
-        y = call(x.reshape(rows, k).astype(jnp.float32), w, layer=np.int64(0))
+        y = call(x.reshape(rows, k).astype(jnp.float32), w)
         return y.reshape(*lead, n).astype(out_dtype)
     return jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), preferred_element_type=out_dtype)
 

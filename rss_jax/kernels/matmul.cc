@@ -8,7 +8,7 @@
 //   quantisation: the weights are read once, at one byte each, and never written back as floats).
 // * RssJaxDenseMatmul: y = x @ w[layer] for float32 or bfloat16 weights [K, N] (input-major, as the models store
 //   them); bfloat16 weights are widened inside the product, accumulation is in float32.
-// * RssJaxDenseRowsMatmul: y = x @ w[layer].T for float32 or bfloat16 weights [N, K] (output-major: the token
+// * RssJaxDenseRowsMatmul: y = x @ w.T for float32 or bfloat16 weights [N, K] (output-major: the token
 //   table that an output head is tied to, the rows of a trimmed head), each output a dot product of contiguous rows.
 //
 // Output channels are split over XLA's intra-op thread pool.
@@ -18,6 +18,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -306,6 +307,19 @@ void dense(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T*
   });
 }
 
+// run f(typed weight pointer) for float32 or bfloat16 weights at element offset `off`
+template <typename F>
+ffi::Error with_weights(const ffi::AnyBuffer& w, int64_t off, const char* what, F f) {
+  if (w.element_type() == ffi::DataType::F32) {
+    f(static_cast<const float*>(w.untyped_data()) + off);
+  } else if (w.element_type() == ffi::DataType::BF16) {
+    f(static_cast<const uint16_t*>(w.untyped_data()) + off);
+  } else {
+    return ffi::Error::InvalidArgument(std::string(what) + ": weights must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error DenseMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                            ffi::ResultBuffer<ffi::F32> y, int64_t layer) {
   auto xd = x.dimensions(), wd = w.dimensions();
@@ -313,14 +327,8 @@ ffi::Error DenseMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
   if (xd.size() != 2 || !layer_offset(wd, layer, off) || wd[wd.size() - 2] != xd[1])
     return ffi::Error::InvalidArgument("dense_matmul: expected x [M, K] and w [(L,) K, N]");
   const int64_t M = xd[0], K = xd[1], N = wd[wd.size() - 1];
-  if (w.element_type() == ffi::DataType::F32) {
-    dense(pool, x.typed_data(), M, K, static_cast<const float*>(w.untyped_data()) + off, N, y->typed_data());
-  } else if (w.element_type() == ffi::DataType::BF16) {
-    dense(pool, x.typed_data(), M, K, static_cast<const uint16_t*>(w.untyped_data()) + off, N, y->typed_data());
-  } else {
-    return ffi::Error::InvalidArgument("dense_matmul: weights must be float32 or bfloat16");
-  }
-  return ffi::Error::Success();
+  return with_weights(w, off, "dense_matmul",
+                      [&](auto wp) { dense(pool, x.typed_data(), M, K, wp, N, y->typed_data()); });
 }
 
 // ---- float32 / bfloat16 weights [N, K] (output-major): y[m, n] = sum_k x[m, k] * w[n, k]. Four weight rows at a
@@ -389,21 +397,13 @@ void dense_rows(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, con
 }
 
 ffi::Error DenseRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                               ffi::ResultBuffer<ffi::F32> y, int64_t layer) {
+                               ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  int64_t off = 0;
-  if (xd.size() != 2 || !layer_offset(wd, layer, off) || wd[wd.size() - 1] != xd[1])
-    return ffi::Error::InvalidArgument("dense_rows_matmul: expected x [M, K] and w [(L,) N, K]");
-  const int64_t M = xd[0], K = xd[1], N = wd[wd.size() - 2];
-  if (w.element_type() == ffi::DataType::F32) {
-    dense_rows(pool, x.typed_data(), M, K, static_cast<const float*>(w.untyped_data()) + off, N, y->typed_data());
-  } else if (w.element_type() == ffi::DataType::BF16) {
-    dense_rows(pool, x.typed_data(), M, K, static_cast<const uint16_t*>(w.untyped_data()) + off, N,
-               y->typed_data());
-  } else {
-    return ffi::Error::InvalidArgument("dense_rows_matmul: weights must be float32 or bfloat16");
-  }
-  return ffi::Error::Success();
+  if (xd.size() != 2 || wd.size() != 2 || wd[1] != xd[1])
+    return ffi::Error::InvalidArgument("dense_rows_matmul: expected x [M, K] and w [N, K]");
+  const int64_t M = xd[0], K = xd[1], N = wd[0];
+  return with_weights(w, 0, "dense_rows_matmul",
+                      [&](auto wp) { dense_rows(pool, x.typed_data(), M, K, wp, N, y->typed_data()); });
 }
 
 }  // namespace
@@ -431,5 +431,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RssJaxDenseRowsMatmul, DenseRowsMatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("layer"));
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -94,9 +94,8 @@ def decode_model(graphdef, state):
 
 def head_product(module, h, rows):
     """h [..., E] times output rows [N, E] (a token table, a trimmed head's rows) -> float32 logits [..., N]. In a
-    module that `decode_model` merged, float32 and bfloat16 rows go through `kernels.dense_rows_matmul` (XLA on CPU
-    widens a bfloat16 table at every product and runs a few rows against a 49k-row table at a third of its one-row
-    speed); elsewhere (training, meshes) it is an einsum in h's dtype."""
+    module that `decode_model` merged, float32 and bfloat16 rows go through `kernels.dense_rows_matmul` (the CPU
+    kernel where it pays); elsewhere (training, which needs a gradient; meshes) it is an einsum in h's dtype."""
     if module.__dict__.get("_decode_kernels") and rows.dtype in (jnp.float32, jnp.bfloat16):
         return dense_rows_matmul(h, rows, jnp.float32)
     return jnp.einsum("...e,ve->...v", h, rows.astype(h.dtype), preferred_element_type=jnp.float32)

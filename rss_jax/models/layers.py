@@ -140,8 +140,8 @@ def _head_scores(qf, keys):
     S] float32, in the cache's own layout. With at most BLOCK_PRODUCT_MAX_KV_HEADS KV heads, each query is laid out
     over all KV heads' dimensions with zeros outside its own head, so that one [B, T*H, KVH*D] x [B, S, KVH*D]
     product gives every score (KVH-fold the multiplications, no copy of the cache); XLA on CPU runs that as one
-    matrix product, 3-6x faster at batch 1 than the broadcast product reduced over D, which it splits into windows
-    of 32 and writes out between the steps. Batched products over (B, KVH), the other obvious spelling, made XLA
+    matrix product, where the broadcast product reduced over D (the form above the limit) is split into windows of
+    32 that are written out between the steps (`scripts/bench_matmul.py --attention` times both). Batched products over (B, KVH), the other obvious spelling, made XLA
     transpose the whole cache into batch-major order at every step."""
     b, t, kvh, g, d = qf.shape
     s = keys.shape[1]
@@ -227,12 +227,13 @@ def scan_layers(block, layer_params, h, cache_k=None, cache_v=None, collect: boo
             if collect:
                 outs.append(h)
         if writes_k:
-            # the writes take a zero from the last layer's output, which needs every layer's read of the cache: with
-            # that data dependency XLA can prove the reads done before the in-place write (without it, once the
-            # reads feed matrix products, it copied the whole stacked cache twice per step, keys and values)
-            dep = jnp.zeros((), h.dtype) * h.reshape(-1)[0]
-            writes_k = [DeferredWrite(w.index, w.new + dep.astype(w.new.dtype), w.lengths) for w in writes_k]
-            writes_v = [DeferredWrite(w.index, w.new + dep.astype(w.new.dtype), w.lengths) for w in writes_v]
+            # the new keys and values take a zero computed from the last layer's output, which needs every layer's
+            # read of the cache: with that data dependency XLA can prove the reads done before the in-place write
+            # (without it, once the reads feed matrix products, XLA copied the whole stacked cache twice per step;
+            # an optimization_barrier did not order them). nan_to_num keeps the zero a zero whatever h holds.
+            zero = jnp.zeros((), jnp.float32) * jnp.nan_to_num(h.reshape(-1)[0].astype(jnp.float32))
+            writes_k = [DeferredWrite(w.index, w.new + zero.astype(w.new.dtype), w.lengths) for w in writes_k]
+            writes_v = [DeferredWrite(w.index, w.new + zero.astype(w.new.dtype), w.lengths) for w in writes_v]
             cache_k, cache_v = write_layers(cache_k, writes_k), write_layers(cache_v, writes_v)
         hs = jnp.stack(outs) if collect else None
         return (h, cache_k, cache_v, hs) if collect else (h, cache_k, cache_v)
