@@ -42,12 +42,14 @@ def eval_prompts(n: int) -> list[str]:
 
 def step_costs(lm, head, ks, repeats=20):
     """Times (ms) of: one target step, a target forward over K+1 tokens, one head drafting step, one (K+1)-token
-    head re-run (all cached, batch 1, jitted, after warm-up)."""
+    head re-run (all cached, batch 1, jitted, after warm-up). The modules are merged with `decode_model`, as the
+    decode loops merge them (per-layer weights, the CPU kernels), so the costs are the loops' own."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from rss_jax.cache import init_cache
+    from rss_jax.decoding.common import compiler_options
+    from rss_jax.models.base import decode_model
     cap, start = 256, 48
     tgt = lm.module
     hm = head.module
@@ -57,17 +59,19 @@ def step_costs(lm, head, ks, repeats=20):
 
     @jax.jit
     def target_fwd(state, tokens, cache):
-        m = nnx.merge(lm.graphdef, state)
+        m = decode_model(lm.graphdef, state)
         logits, cache, t = m(tokens, cache=cache, lengths=jnp.full((1,), start, jnp.int32), taps=taps)
         return logits, t
 
     @functools.partial(jax.jit, static_argnums=4)
     def head_fwd(state, feat, tokens, cache, with_logits):
-        m = nnx.merge(head.graphdef, state)
+        m = decode_model(head.graphdef, state)
         out = m(feat, tokens, emb, rows if with_logits else None, cache=cache, lengths=jnp.full((1,), start, jnp.int32))
         return out[0] if with_logits else out[1]
 
     def timed(fn, *a):
+        # compiled with the decode loops' own compiler options
+        fn = jax.jit(fn).lower(*a).compile(compiler_options=compiler_options())
         jax.block_until_ready(fn(*a))
         best = math.inf
         for _ in range(3):

@@ -45,16 +45,22 @@ def test_dense_matmul_reads_one_layer_of_a_stack(dtype):
 
 
 @needs_kernel
-def test_int8_matmul_reads_one_layer_of_a_stack():
-    """Stacked int8 rows [L, N, K] with float32 and with bfloat16 scales (those are widened one layer at a time)."""
+@pytest.mark.parametrize("n, k, group", [(42, 64, 32), (41, 64, 64), (8, 40, 40)])
+def test_int8_matmul_reads_one_layer_of_a_stack(n, k, group):
+    """Stacked int8 rows [L, N, K] with float32 and with bfloat16 scales (those are widened one layer at a time), at
+    row counts of every path (one row; the register-blocked rows, four at a time with a remainder; more than one
+    group of eight), N leaving channels outside the blocks of four, groups of 32, one scale per row (K a multiple
+    of 16, the blocked path) and K = 40 with one scale per row (the plain path)."""
     rng = np.random.default_rng(1)
-    q, s = kernels.quantize_rows(rng.normal(size=(3, 40, 64)).astype(np.float32))
-    x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
-    for scale in (s, s.astype(jnp.bfloat16)):
-        for layer in range(3):
-            w = np.asarray(kernels.dequantize_rows(q[layer], scale[layer]), np.float64)
-            got = np.asarray(kernels.int8_matmul(x, q, scale, layer=layer))
-            np.testing.assert_allclose(got, np.asarray(x, np.float64) @ w.T, rtol=1e-5, atol=1e-4)
+    q, s = kernels.quantize_rows(rng.normal(size=(3, n, k)).astype(np.float32), group=group)
+    for rows in (1, 2, 3, 4, 5, 9):
+        x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
+        for scale in (s, s.astype(jnp.bfloat16)):
+            for layer in range(3):
+                w = np.asarray(kernels.dequantize_rows(q[layer], scale[layer]), np.float64)
+                got = np.asarray(kernels.int8_matmul(x, q, scale, layer=layer))
+                np.testing.assert_allclose(got, np.asarray(x, np.float64) @ w.T, rtol=1e-5, atol=1e-4,
+                                           err_msg=f"rows {rows} layer {layer}")
 
 
 def test_kernel_inputs_are_checked():
