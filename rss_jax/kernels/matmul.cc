@@ -185,7 +185,11 @@ void rows_block(const float* x, const int8_t* w, const float* scale, float* y, i
 }
 
 // run task(c) for c in [0, chunks) on the caller and up to pool.num_threads() - 1 helpers, and wait for all of them
-void parallel_for(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> task) {
+void parallel_for(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> task, bool serial = false) {
+  if (serial) {
+    for (int64_t c = 0; c < chunks; ++c) task(c);
+    return;
+  }
   struct State {
     std::function<void(int64_t)> task;
     int64_t chunks;
@@ -241,7 +245,7 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* sp = scale.typed_data() + s_off;
   float* yp = y->typed_data();
   const int64_t gs = K / G;
-  parallel_for(pool, (N + kChunk - 1) / kChunk, [=](int64_t c) {
+  auto task = [=](int64_t c) {
     int64_t n0 = c * kChunk, n1 = std::min(N, n0 + kChunk);
 #ifdef __AVX512F__
     if (M > 1 && gs % 16 == 0) {  // several rows: the register-blocked path, the last N % 4 channels below
@@ -254,7 +258,11 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     std::unique_ptr<float[]> buffer(M > 1 ? new float[K] : nullptr);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
       rows_block(xp + m0 * K, wp, sp, yp + m0 * N, std::min(kMaxRows, M - m0), n0, n1, K, N, gs, buffer.get());
-  });
+  };
+  // one activation row runs on the calling thread alone: a single core already streams int8 weights at close to
+  // the memory's speed, so a helper adds its wake-up and hand-off cost and little bandwidth (batch-1 int8 decoding
+  // in `scripts/bench_decode.py` is faster this way on a 2-core AMD EPYC; several rows are compute-bound and split)
+  parallel_for(pool, (N + kChunk - 1) / kChunk, task, M == 1);
   return ffi::Error::Success();
 }
 
