@@ -72,28 +72,42 @@ def test_kernel_inputs_are_checked():
 
 def test_attention_of_new_tokens_over_the_unwritten_cache_equals_numpy():
     """The unrolled loop's attention reads a layer's slots before this forward writes them and attends to the new
-    tokens from k and v themselves. Against NumPy attention over the cache with the new tokens written in: ragged
-    lengths, garbage in every slot at or past a row's length (it must not count), T = 1 and a block of T = 4."""
+    tokens from k and v themselves. Both ways (XLA's `layers.split_attention` on one layer's slots, and
+    `kernels.cached_attention` on a stacked cache, read in place: the CPU kernel where it is built) against NumPy
+    attention over the cache with the new tokens written in: ragged lengths, garbage in every slot at or past a row's
+    length (it must not count), T = 1 and blocks of T = 4, a head size that is not a multiple of the vector width,
+    float32 and bfloat16 caches, one query head per KV head and three."""
     rng = np.random.default_rng(2)
-    B, S, KVH, G, D = 3, 12, 2, 3, 8
-    for t, lengths in ((1, [0, 5, 11]), (4, [0, 2, 8])):
-        old_k = rng.normal(size=(B, S, KVH, D)).astype(np.float32) * 3
-        old_v = rng.normal(size=(B, S, KVH, D)).astype(np.float32) * 3
+    B, S, L = 3, 12, 3
+    cases = [(1, [0, 5, 11], 2, 3, 16, np.float32), (4, [0, 2, 8], 2, 3, 8, np.float32),
+             (1, [7, 0, 12], 3, 1, 64, jnp.bfloat16), (4, [3, 8, 1], 1, 4, 20, jnp.bfloat16)]
+    for t, lengths, KVH, G, D, cdt in cases:
+        stack_k = (rng.normal(size=(L, B, S, KVH, D)) * 3).astype(cdt)
+        stack_v = (rng.normal(size=(L, B, S, KVH, D)) * 3).astype(cdt)
         k = rng.normal(size=(B, t, KVH, D)).astype(np.float32)
         v = rng.normal(size=(B, t, KVH, D)).astype(np.float32)
         q = rng.normal(size=(B, t, KVH, G, D)).astype(np.float32)
-        got = np.asarray(layers._short_attention_split(jnp.asarray(q), jnp.asarray(old_k), jnp.asarray(old_v),
-                                                       jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths)))
-        for b in range(B):
-            n = lengths[b]
-            keys = np.concatenate([old_k[b, :n], k[b]])  # [n + t, KVH, D]
-            vals = np.concatenate([old_v[b, :n], v[b]])
-            for i in range(t):
-                sc = np.einsum("kgd,skd->kgs", q[b, i], keys[:n + i + 1]) / np.sqrt(D)
-                p = np.exp(sc - sc.max(-1, keepdims=True))
-                p /= p.sum(-1, keepdims=True)
-                want = np.einsum("kgs,skd->kgd", p, vals[:n + i + 1])
-                np.testing.assert_allclose(got[b, i], want, rtol=1e-5, atol=1e-5, err_msg=f"t {t} row {b} token {i}")
+        layer = 1
+        old_k, old_v = (np.asarray(a[layer], np.float32) for a in (stack_k, stack_v))
+        ways = {"xla": layers.split_attention(jnp.asarray(q), jnp.asarray(stack_k[layer]),
+                                              jnp.asarray(stack_v[layer]), jnp.asarray(k), jnp.asarray(v),
+                                              jnp.asarray(lengths)),
+                "stacked": jax.jit(kernels.cached_attention, static_argnums=3)(
+                    jnp.asarray(q), jnp.asarray(stack_k), jnp.asarray(stack_v), layer, jnp.asarray(k),
+                    jnp.asarray(v), jnp.asarray(lengths, jnp.int32))}
+        for name, got in ways.items():
+            got = np.asarray(got)
+            for b in range(B):
+                n = lengths[b]
+                keys = np.concatenate([old_k[b, :n], k[b]])  # [n + t, KVH, D]
+                vals = np.concatenate([old_v[b, :n], v[b]])
+                for i in range(t):
+                    sc = np.einsum("kgd,skd->kgs", q[b, i], keys[:n + i + 1]) / np.sqrt(D)
+                    p = np.exp(sc - sc.max(-1, keepdims=True))
+                    p /= p.sum(-1, keepdims=True)
+                    want = np.einsum("kgs,skd->kgd", p, vals[:n + i + 1])
+                    np.testing.assert_allclose(got[b, i], want, rtol=1e-4, atol=1e-4,
+                                               err_msg=f"{name}: t {t} D {D} {np.dtype(cdt)} row {b} token {i}")
 
 
 @needs_kernel

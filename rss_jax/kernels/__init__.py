@@ -41,6 +41,7 @@ KERNEL_ENV = "RSS_JAX_INT8_KERNEL"  # the name predates the float kernel; it swi
 TARGET = "rss_jax_int8_matmul"
 DENSE_TARGET = "rss_jax_dense_matmul"
 DENSE_ROWS_TARGET = "rss_jax_dense_rows_matmul"
+ATTENTION_TARGET = "rss_jax_cached_attention"
 # above this many activation rows (a prefill) the product is bound by arithmetic, and XLA's float product of the
 # widened weights is the faster path
 KERNEL_MAX_ROWS = 64
@@ -112,6 +113,7 @@ def _registered() -> bool:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RssJaxInt8Matmul), platform="cpu")
         jax.ffi.register_ffi_target(DENSE_TARGET, jax.ffi.pycapsule(lib.RssJaxDenseMatmul), platform="cpu")
         jax.ffi.register_ffi_target(DENSE_ROWS_TARGET, jax.ffi.pycapsule(lib.RssJaxDenseRowsMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.RssJaxCachedAttention), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure leaves the XLA path, which is always correct
         warnings.warn(f"the CPU product kernels are not available ({type(e).__name__}: {e}); decode products use "
                       "XLA's slower path")
@@ -222,6 +224,30 @@ def int8_matmul(x, w, scale, out_dtype=None, layer: int | None = None):
     if w.ndim == 3:
         w, scale = w[layer], scale[layer]
     return jnp.einsum("...k,nk->...n", x, dequantize_rows(w, scale, x.dtype), preferred_element_type=out_dtype)
+
+
+def cached_attention(q, cache_k, cache_v, layer: int, new_k, new_v, lengths):
+    """Attention of T new tokens per row over layer `layer` of a stacked cache [L, B, S, KVH, D] as it was before
+    they were written, and over their own keys and values: query t of row b sees the cache slots s < lengths[b] and
+    the new tokens 0..t, under one softmax. q [B, T, KVH, G, D] (G query heads per KV head), new_k/new_v
+    [B, T, KVH, D] -> [B, T, KVH, G, D] float32.
+
+    The CPU kernel reads the cache in place (no copy of the layer's slots), and only each row's valid slots; where
+    it is not available, or the cache is neither float32 nor bfloat16, the same law runs through XLA. The kernel has
+    no gradient: decode loops only."""
+    b, t, kvh, g, d = q.shape
+    if (cache_k.ndim != 5 or cache_k.shape != cache_v.shape or cache_k.shape[1] != b or cache_k.shape[3:] != (kvh, d)
+            or new_k.shape != (b, t, kvh, d) or new_v.shape != new_k.shape or lengths.shape != (b,)):
+        raise ValueError(f"cached_attention needs q [B, T, KVH, G, D], caches [L, B, S, KVH, D], new k/v [B, T, KVH, "
+                         f"D] and lengths [B]; got q {q.shape}, caches {cache_k.shape}/{cache_v.shape}, new "
+                         f"{new_k.shape}/{new_v.shape}, lengths {lengths.shape}")
+    if (kernel_available() and jax.sharding.get_abstract_mesh().empty and cache_k.dtype == cache_v.dtype
+            and cache_k.dtype in (jnp.float32, jnp.bfloat16)):
+        call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+        return call(q.astype(jnp.float32) / np.float32(np.sqrt(d)), cache_k, cache_v, new_k.astype(jnp.float32), new_v.astype(jnp.float32),
+                    lengths.astype(jnp.int32), layer=np.int64(layer))
+    from rss_jax.models.layers import split_attention
+    return split_attention(q, cache_k[layer], cache_v[layer], new_k, new_v, lengths)
 
 
 GROUP = 32  # weights per scale along the input axis (the block size of GGUF's Q8_0 and Q4 formats)

@@ -10,9 +10,12 @@
 //   them); bfloat16 weights are widened inside the product, accumulation is in float32.
 // * RssJaxDenseRowsMatmul: y = x @ w.T for float32 or bfloat16 weights [N, K] (output-major: the token
 //   table that an output head is tied to, the rows of a trimmed head), each output a dot product of contiguous rows.
+// * RssJaxCachedAttention: few-token attention over one layer of a stacked KV cache, read in place up to each row's
+//   length, and over the new tokens' own keys and values (which the caller writes into the cache afterwards).
 //
-// Output channels are split over XLA's intra-op thread pool.
+// Output channels (attention: rows and KV heads) are split over XLA's intra-op thread pool.
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -290,12 +293,20 @@ inline vf load_w(const float* p) {
   return v;
 }
 inline vf load_w(const uint16_t* p) {  // bfloat16 -> float32: the 16 bits are the top half of the float
+#if defined(__AVX512F__)
+  // spelled out: GCC's generic widening of 16 halves went through two 8-lane halves and an insert (six
+  // instructions where these are two), and the bfloat16 products were bound by it
+  const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+                                      16);
+  return reinterpret_cast<vf>(_mm512_castsi512_ps(u));
+#else
   vh h;
   std::memcpy(&h, p, sizeof h);
   vu u = __builtin_convertvector(h, vu) << 16;
   vf v;
   std::memcpy(&v, &u, sizeof v);
   return v;
+#endif
 }
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) {
@@ -406,9 +417,13 @@ ffi::Error DenseMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
 // kept in one vector and reduced across its lanes at the end.
 
 inline float lane_sum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));  // a tree of shuffles; the loop below goes lane by lane
+#else
   float s = 0.f;
   for (int i = 0; i < kVW; ++i) s += v[i];
   return s;
+#endif
 }
 
 template <typename T, int MR, int NB>
@@ -477,6 +492,107 @@ ffi::Error DenseRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
                       [&](auto wp) { dense_rows(pool, x.typed_data(), M, K, wp, N, y->typed_data()); });
 }
 
+// ---- attention of T new tokens of each row over one layer of a stacked cache [L, B, S, KVH, D] (float32 or
+// bfloat16), read in place, and over the T new keys and values themselves: query t of row b sees the cache slots
+// s < lengths[b] and the new tokens 0..t (causal), with one softmax over both. q [B, T, KVH, G, D] arrives scaled by
+// 1 / sqrt(D); G query heads share each KV head. Only the rows' valid slots are read, nothing past them.
+
+template <typename T>
+inline float dot_d(const float* q, const T* k, int64_t D) {
+  int64_t d = 0;
+  float s = 0.f;
+  if (D % kVW == 0) {
+    vf acc = vf{};
+    for (; d < D; d += kVW) acc += load_w(q + d) * load_w(k + d);
+    s = lane_sum(acc);
+  }
+  for (; d < D; ++d) s += q[d] * widen(k[d]);
+  return s;
+}
+
+template <typename T>
+inline void axpy_d(float a, const T* v, float* o, int64_t D) {
+  int64_t d = 0;
+  if (D % kVW == 0) {
+    const vf av = vf{} + a;
+    for (; d < D; d += kVW) {
+      vf ov = load_w(o + d);
+      ov += av * load_w(v + d);
+      std::memcpy(o + d, &ov, sizeof ov);
+    }
+  }
+  for (; d < D; ++d) o[d] += a * widen(v[d]);
+}
+
+// one (row, KV head): every new token t and query head g of the group. ck/cv point at slot 0 of this row and KV
+// head (slot stride KVH * D); nk/nv at new token 0 (token stride KVH * D); q/out at token 0, group head 0 (token
+// stride KVH * G * D, head stride D); scores has room for n_old + T floats
+template <typename T>
+void attend(const float* q, const T* ck, const T* cv, const float* nk, const float* nv, float* out, int64_t n_old,
+            int64_t Tn, int64_t KVH, int64_t G, int64_t D, float* scores) {
+  const int64_t slot = KVH * D, tok = KVH * G * D;
+  for (int64_t t = 0; t < Tn; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qv = q + t * tok + g * D;
+      float* o = out + t * tok + g * D;
+      const int64_t n = n_old + t + 1;
+      float top = -INFINITY;
+      for (int64_t s = 0; s < n_old; ++s) top = std::max(top, scores[s] = dot_d(qv, ck + s * slot, D));
+      for (int64_t j = 0; j <= t; ++j) top = std::max(top, scores[n_old + j] = dot_d(qv, nk + j * slot, D));
+      float total = 0.f;
+      for (int64_t s = 0; s < n; ++s) total += scores[s] = std::exp(scores[s] - top);
+      std::memset(o, 0, D * sizeof(float));
+      for (int64_t s = 0; s < n_old; ++s) axpy_d(scores[s], cv + s * slot, o, D);
+      for (int64_t j = 0; j <= t; ++j) axpy_d(scores[n_old + j], nv + j * slot, o, D);
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+}
+
+constexpr int64_t kAttendSerialWork = int64_t(1) << 20;  // below this many products per call, no helper is woken
+
+ffi::Error CachedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer cache_k,
+                               ffi::AnyBuffer cache_v, ffi::Buffer<ffi::F32> new_k, ffi::Buffer<ffi::F32> new_v,
+                               ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, int64_t layer) {
+  auto qd = q.dimensions(), cd = cache_k.dimensions(), nd = new_k.dimensions();
+  const char* shapes = "cached_attention: expected q [B, T, KVH, G, D], caches [L, B, S, KVH, D] of one dtype, "
+                       "new k/v [B, T, KVH, D], lengths [B] and 0 <= layer < L";
+  if (qd.size() != 5 || cd.size() != 5 || nd.size() != 4 || cache_v.dimensions().size() != 5 ||
+      cache_k.element_type() != cache_v.element_type() || lengths.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument(shapes);
+  const int64_t B = qd[0], Tn = qd[1], KVH = qd[2], G = qd[3], D = qd[4], L = cd[0], S = cd[2];
+  for (int i = 0; i < 5; ++i)
+    if (cd[i] != cache_v.dimensions()[i]) return ffi::Error::InvalidArgument(shapes);
+  if (cd[1] != B || cd[3] != KVH || cd[4] != D || nd[0] != B || nd[1] != Tn || nd[2] != KVH || nd[3] != D ||
+      lengths.dimensions()[0] != B || layer < 0 || layer >= L)
+    return ffi::Error::InvalidArgument(shapes);
+  const float *qp = q.typed_data(), *nkp = new_k.typed_data(), *nvp = new_v.typed_data();
+  const int32_t* lp = lengths.typed_data();
+  float* op = out->typed_data();
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) work += (std::clamp<int64_t>(lp[b], 0, S) + Tn) * Tn * KVH * G * D;
+  auto run = [&](auto ckp, auto cvp) {
+    auto task = [=](int64_t c) {
+      const int64_t b = c / KVH, h = c % KVH;
+      const int64_t n_old = std::clamp<int64_t>(lp[b], 0, S);
+      std::unique_ptr<float[]> scores(new float[n_old + Tn]);
+      const int64_t row = ((layer * B + b) * S) * KVH * D + h * D;
+      attend(qp + b * Tn * KVH * G * D + h * G * D, ckp + row, cvp + row, nkp + b * Tn * KVH * D + h * D,
+             nvp + b * Tn * KVH * D + h * D, op + b * Tn * KVH * G * D + h * G * D, n_old, Tn, KVH, G, D,
+             scores.get());
+    };
+    parallel_for(pool, B * KVH, task, work < kAttendSerialWork);
+  };
+  if (cache_k.element_type() == ffi::DataType::F32) {
+    run(static_cast<const float*>(cache_k.untyped_data()), static_cast<const float*>(cache_v.untyped_data()));
+  } else if (cache_k.element_type() == ffi::DataType::BF16) {
+    run(static_cast<const uint16_t*>(cache_k.untyped_data()), static_cast<const uint16_t*>(cache_v.untyped_data()));
+  } else {
+    return ffi::Error::InvalidArgument("cached_attention: the cache must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RssJaxInt8Matmul, Int8MatmulImpl,
@@ -503,3 +619,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RssJaxDenseRowsMatmul, DenseRowsMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RssJaxCachedAttention, CachedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("layer"));

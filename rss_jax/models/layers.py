@@ -96,8 +96,9 @@ def attention(q, k, v, cache_k=None, cache_v=None, lengths=None):
             # k and v themselves: a read of the written buffer made XLA on CPU copy the whole stacked cache at every
             # layer (the writes wait for `scan_layers` to do them after the last layer). Blocks of several tokens
             # keep the write-then-read path: this one made XLA's compile of the speculative loops 7x slower.
-            out = _short_attention_split(q.reshape(b, t, kvh, h // kvh, d), cache_k.read(), cache_v.read(), k, v,
-                                         lengths)
+            from rss_jax.kernels import cached_attention
+            out = cached_attention(q.reshape(b, t, kvh, h // kvh, d), cache_k.stacked, cache_v.stacked, i, k, v,
+                                   lengths)
             return (out.reshape(b, t, h * d).astype(q.dtype), cache_k.defer(k, lengths),
                     cache_v.defer(v, lengths))
         cache_k, cache_v = cache_k.write(k, lengths), cache_v.write(v, lengths)
@@ -179,7 +180,7 @@ def _fused_short_attention(qg, keys, values, mask):
     return _head_mix(jax.nn.softmax(scores, axis=-1), values)
 
 
-def _short_attention_split(qg, old_k, old_v, k, v, lengths):
+def split_attention(qg, old_k, old_v, k, v, lengths):
     """The same law as `_fused_short_attention` over a cache updated with the new tokens, computed from the cache
     as it was before the write (slots < lengths[b]) and the T new keys and values themselves (causal among the new
     tokens), with one softmax over both parts. qg [B, T, KVH, G, D], old_k/old_v [B, S, KVH, D], k/v [B, T, KVH, D],
