@@ -226,6 +226,12 @@ def int8_matmul(x, w, scale, out_dtype=None, layer: int | None = None):
     return jnp.einsum("...k,nk->...n", x, dequantize_rows(w, scale, x.dtype), preferred_element_type=out_dtype)
 
 
+def attention_kernel_available(cache_dtype) -> bool:
+    """Whether `cached_attention` over a cache of `cache_dtype` runs in the CPU kernel here (off a mesh)."""
+    return (jnp.dtype(cache_dtype) in (jnp.float32, jnp.bfloat16) and kernel_available()
+            and jax.sharding.get_abstract_mesh().empty)
+
+
 def cached_attention(q, cache_k, cache_v, layer: int, new_k, new_v, lengths):
     """Attention of T new tokens per row over layer `layer` of a stacked cache [L, B, S, KVH, D] as it was before
     they were written, and over their own keys and values: query t of row b sees the cache slots s < lengths[b] and
@@ -241,8 +247,7 @@ def cached_attention(q, cache_k, cache_v, layer: int, new_k, new_v, lengths):
         raise ValueError(f"cached_attention needs q [B, T, KVH, G, D], caches [L, B, S, KVH, D], new k/v [B, T, KVH, "
                          f"D] and lengths [B]; got q {q.shape}, caches {cache_k.shape}/{cache_v.shape}, new "
                          f"{new_k.shape}/{new_v.shape}, lengths {lengths.shape}")
-    if (kernel_available() and jax.sharding.get_abstract_mesh().empty and cache_k.dtype == cache_v.dtype
-            and cache_k.dtype in (jnp.float32, jnp.bfloat16)):
+    if cache_k.dtype == cache_v.dtype and attention_kernel_available(cache_k.dtype):
         call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
         return call(q.astype(jnp.float32) / np.float32(np.sqrt(d)), cache_k, cache_v, new_k.astype(jnp.float32), new_v.astype(jnp.float32),
                     lengths.astype(jnp.int32), layer=np.int64(layer))

@@ -91,12 +91,13 @@ def attention(q, k, v, cache_k=None, cache_v=None, lengths=None):
     short = t <= FUSED_ATTENTION_MAX_T and jax.default_backend() == "cpu"
     if isinstance(cache_k, LayerSlot):  # the unrolled layer loop: the stacked cache comes back, updated in place
         i = cache_k.index
-        if short and t == 1:
-            # a decode step: this layer's slots are read before the write, and the new token is attended to from
-            # k and v themselves: a read of the written buffer made XLA on CPU copy the whole stacked cache at every
-            # layer (the writes wait for `scan_layers` to do them after the last layer). Blocks of several tokens
-            # keep the write-then-read path: this one made XLA's compile of the speculative loops 7x slower.
-            from rss_jax.kernels import cached_attention
+        from rss_jax.kernels import attention_kernel_available, cached_attention
+        if short and (t == 1 or attention_kernel_available(cache_k.stacked.dtype)):
+            # a decode step or a block: this layer's slots are read before the write, and the new tokens are
+            # attended to from k and v themselves: a read of the written buffer made XLA on CPU copy the whole
+            # stacked cache at every layer (the writes wait for `scan_layers` to do them after the last layer).
+            # Blocks of several tokens take this path only through the kernel: its XLA form made XLA's compile of
+            # the speculative loops 7x slower, so without the kernel they write first and read the layer back.
             out = cached_attention(q.reshape(b, t, kvh, h // kvh, d), cache_k.stacked, cache_v.stacked, i, k, v,
                                    lengths)
             return (out.reshape(b, t, h * d).astype(q.dtype), cache_k.defer(k, lengths),
