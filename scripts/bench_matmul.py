@@ -21,7 +21,9 @@ rows, as `kernels.dense_rows_matmul`'s CPU kernel and as XLA's einsum (compiled 
 what `kernels.rows_kernel_pays` decides from. `--attention`: the few-token attention of 30 layers of SmolLM2's shape
 (3 KV heads, 3 query heads each, head size 64) over a cache, as block products (`layers._head_scores`, what the
 decode loops run) and as the broadcast products reduced over the head size (what they ran before, and still run
-above `layers.BLOCK_PRODUCT_MAX_KV_HEADS`), with the largest difference of the two results.
+above `layers.BLOCK_PRODUCT_MAX_KV_HEADS`), with the largest difference of the two results, and (where it is
+built) as `kernels.cached_attention`'s CPU kernel, which the decode loops now run: it reads the stacked cache in
+place and only up to each row's length (half the slots here), with its difference from the block form.
 """
 from __future__ import annotations
 
@@ -96,6 +98,7 @@ def bench_head(args):
 def bench_attention(args):
     import jax
     import jax.numpy as jnp
+    from rss_jax import kernels
     from rss_jax.decoding.common import compiler_options
     from rss_jax.models import layers
     from rss_jax.report import machine, table, write_json
@@ -131,9 +134,30 @@ def bench_attention(args):
             c = jax.jit(loop(fn)).lower(q, k, v, mask).compile(compiler_options())
             out[name] = np.asarray(c(q, k, v, mask))
             times[name] = best_time(c, q, k, v, mask, repeats=args.repeats) / STEPS
-        rows.append({"batch": b, "new tokens": t, "slots": s, "block ms": times["block"] * 1e3,
-                     "broadcast ms": times["broadcast"] * 1e3, "broadcast / block": times["broadcast"] / times["block"],
-                     "max diff": float(np.abs(out["block"] - out["broadcast"]).max())})
+        row = {"batch": b, "new tokens": t, "slots": s, "block ms": times["block"] * 1e3,
+               "broadcast ms": times["broadcast"] * 1e3, "broadcast / block": times["broadcast"] / times["block"],
+               "max diff": float(np.abs(out["block"] - out["broadcast"]).max())}
+        if kernels.attention_kernel_available(jnp.float32):
+            # the decode loops' form: the CPU kernel on the stacked cache, read in place up to the rows' lengths,
+            # with the new tokens' keys and values apart (here the cache's own slots lengths..lengths+t-1, so the
+            # law is the block form's)
+            n0 = s // 2
+            nk, nv = k[:, :, n0:n0 + t], v[:, :, n0:n0 + t]
+            lens = jnp.asarray(lengths, jnp.int32)
+
+            def run_kernel(q, k, v, nk, nv):
+                def step(_, acc):
+                    out = 0.0
+                    for layer in range(L):
+                        out = out + kernels.cached_attention(q[layer] + acc, k, v, layer, nk[layer], nv[layer], lens)
+                    return acc + 1e-3 * out
+                return jax.lax.fori_loop(0, STEPS, step, jnp.zeros_like(q[0]))
+            c = jax.jit(run_kernel).lower(q, k, v, nk, nv).compile(compiler_options())
+            got = np.asarray(c(q, k, v, nk, nv))
+            tk = best_time(c, q, k, v, nk, nv, repeats=args.repeats) / STEPS
+            row.update({"kernel ms": tk * 1e3, "block / kernel": times["block"] / tk,
+                        "kernel diff": float(np.abs(got - out["block"]).max())})
+        rows.append(row)
     title = f"few-token attention, 30 layers (3 KV heads x 3, head size 64), per step; {machine()}"
     print(table(rows, title=title))
     write_json(args.out or "results/bench_matmul_attention.json",

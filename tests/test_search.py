@@ -179,6 +179,24 @@ def test_gsi_categorical_toy_converges_to_tilted_law():
     assert 0 < acc.mean() < 1
 
 
+def test_gsi_candidates_outside_the_big_models_support():
+    """A big model filtered by top_k/top_p gives log pi_B = -inf to some candidates: they get weight 0 and are never
+    picked while another candidate has support; with none supported the step is rejected (the big model samples
+    it) and the effective sample size is 0, with no NaN anywhere."""
+    keys = jax.random.split(jax.random.key(3), 200)
+    rewards = jnp.tile(jnp.asarray([[5.0, 0.1, 0.2, 9.0]]), (200, 1))
+    small = jnp.log(jnp.full((200, 4), 0.25))
+    some = jnp.tile(jnp.asarray([[-jnp.inf, -1.0, -2.0, -jnp.inf]]), (200, 1))
+    idx, acc, _, ess = jax.vmap(gsi_select, in_axes=(0, 0, 0, 0, None, None))(
+        keys, rewards, some, small, jnp.float32(2.0), jnp.float32(-jnp.inf))
+    assert set(np.asarray(idx).tolist()) <= {1, 2} and np.asarray(acc).all()
+    assert np.isfinite(np.asarray(ess)).all() and (np.asarray(ess) >= 1).all()
+    none = jnp.full((200, 4), -jnp.inf)
+    idx, acc, _, ess = jax.vmap(gsi_select, in_axes=(0, 0, 0, 0, None, None))(
+        keys, rewards, none, small, jnp.float32(2.0), jnp.float32(-jnp.inf))
+    assert not np.asarray(acc).any() and (np.asarray(ess) == 0).all()
+
+
 def test_gsi_with_equal_models_is_soft_bon():
     rng = np.random.default_rng(1)
     v, beta = 5, 3.0

@@ -33,11 +33,16 @@ def gsi_select(key, rewards, logp_big, logp_small, beta, u):
     size of the tilted weights softmax(beta r~) float32). With logp_big == logp_small the pick is soft BoN on r."""
     r = jnp.asarray(rewards, jnp.float32)
     tilted = r + (jnp.asarray(logp_big, jnp.float32) - jnp.asarray(logp_small, jnp.float32)) / beta
-    logits = beta * tilted
-    idx = jax.random.categorical(key, logits).astype(jnp.int32)
-    w = jax.nn.softmax(logits)
-    ess = 1.0 / jnp.sum(w * w)
-    return idx, tilted[idx] >= u, tilted, ess
+    # a candidate outside the big model's filtered support (top_k / top_p / min_p) has log pi_B = -inf and weight 0;
+    # when every candidate has, nothing can be accepted (the big model then samples the step itself) and the
+    # effective sample size is 0, not the NaN of a softmax over nothing
+    support = jnp.isfinite(tilted)
+    some = jnp.any(support)
+    logits = jnp.where(support, beta * tilted, -jnp.inf)
+    idx = jax.random.categorical(key, jnp.where(some, logits, 0.0)).astype(jnp.int32)
+    w = jnp.where(some, jax.nn.softmax(jnp.where(some, logits, 0.0)), 0.0)
+    ess = jnp.where(some, 1.0 / jnp.maximum(jnp.sum(w * w), 1e-30), 0.0)
+    return idx, some & support[idx] & (tilted[idx] >= u), tilted, ess
 
 
 _select = jax.jit(jax.vmap(gsi_select, in_axes=(0, 0, 0, 0, None, None)))

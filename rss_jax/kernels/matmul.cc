@@ -23,6 +23,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -524,10 +525,33 @@ inline void axpy_d(float a, const T* v, float* o, int64_t D) {
   for (; d < D; ++d) o[d] += a * widen(v[d]);
 }
 
+// the scores of one query head against n keys (slot stride `slot`), the query held in NV vector registers
+// (D = NV * kVW), and their running maximum
+template <typename T, int NV>
+void scores_vec(const float* qv, const T* k, int64_t n, int64_t slot, float* scores, float& top) {
+  vf q[NV];
+  for (int j = 0; j < NV; ++j) q[j] = load_w(qv + j * kVW);
+  for (int64_t s = 0; s < n; ++s) {
+    vf acc = q[0] * load_w(k + s * slot);
+    for (int j = 1; j < NV; ++j) acc += q[j] * load_w(k + s * slot + j * kVW);
+    top = std::max(top, scores[s] = lane_sum(acc));
+  }
+}
+
+// o (NV vector registers) += sum_s p[s] * v[s]
+template <typename T, int NV>
+void mix_vec(const float* p, const T* v, int64_t n, int64_t slot, vf* o) {
+  for (int64_t s = 0; s < n; ++s) {
+    const vf a = vf{} + p[s];
+    for (int j = 0; j < NV; ++j) o[j] += a * load_w(v + s * slot + j * kVW);
+  }
+}
+
 // one (row, KV head): every new token t and query head g of the group. ck/cv point at slot 0 of this row and KV
 // head (slot stride KVH * D); nk/nv at new token 0 (token stride KVH * D); q/out at token 0, group head 0 (token
-// stride KVH * G * D, head stride D); scores has room for n_old + T floats
-template <typename T>
+// stride KVH * G * D, head stride D); scores has room for n_old + T floats. NV > 0: D = NV * kVW, kept in
+// registers; NV = 0: any D.
+template <typename T, int NV>
 void attend(const float* q, const T* ck, const T* cv, const float* nk, const float* nv, float* out, int64_t n_old,
             int64_t Tn, int64_t KVH, int64_t G, int64_t D, float* scores) {
   const int64_t slot = KVH * D, tok = KVH * G * D;
@@ -537,19 +561,52 @@ void attend(const float* q, const T* ck, const T* cv, const float* nk, const flo
       float* o = out + t * tok + g * D;
       const int64_t n = n_old + t + 1;
       float top = -INFINITY;
-      for (int64_t s = 0; s < n_old; ++s) top = std::max(top, scores[s] = dot_d(qv, ck + s * slot, D));
-      for (int64_t j = 0; j <= t; ++j) top = std::max(top, scores[n_old + j] = dot_d(qv, nk + j * slot, D));
+      if constexpr (NV > 0) {
+        scores_vec<T, NV>(qv, ck, n_old, slot, scores, top);
+        scores_vec<float, NV>(qv, nk, t + 1, slot, scores + n_old, top);
+      } else {
+        for (int64_t s = 0; s < n_old; ++s) top = std::max(top, scores[s] = dot_d(qv, ck + s * slot, D));
+        for (int64_t j = 0; j <= t; ++j) top = std::max(top, scores[n_old + j] = dot_d(qv, nk + j * slot, D));
+      }
       float total = 0.f;
       for (int64_t s = 0; s < n; ++s) total += scores[s] = std::exp(scores[s] - top);
-      std::memset(o, 0, D * sizeof(float));
-      for (int64_t s = 0; s < n_old; ++s) axpy_d(scores[s], cv + s * slot, o, D);
-      for (int64_t j = 0; j <= t; ++j) axpy_d(scores[n_old + j], nv + j * slot, o, D);
       const float inv = 1.f / total;
-      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      if constexpr (NV > 0) {
+        vf acc[NV];
+        for (int j = 0; j < NV; ++j) acc[j] = vf{};
+        mix_vec<T, NV>(scores, cv, n_old, slot, acc);
+        mix_vec<float, NV>(scores + n_old, nv, t + 1, slot, acc);
+        for (int j = 0; j < NV; ++j) {
+          const vf r = acc[j] * inv;
+          std::memcpy(o + j * kVW, &r, sizeof r);
+        }
+      } else {
+        std::memset(o, 0, D * sizeof(float));
+        for (int64_t s = 0; s < n_old; ++s) axpy_d(scores[s], cv + s * slot, o, D);
+        for (int64_t j = 0; j <= t; ++j) axpy_d(scores[n_old + j], nv + j * slot, o, D);
+        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      }
     }
 }
 
-constexpr int64_t kAttendSerialWork = int64_t(1) << 20;  // below this many products per call, no helper is woken
+// attend<T, NV> for the head size D: registers for D = 1..8 vectors, the generic loop otherwise
+template <typename T>
+auto attend_for(int64_t D) {
+  using F = void (*)(const float*, const T*, const T*, const float*, const float*, float*, int64_t, int64_t,
+                     int64_t, int64_t, int64_t, float*);
+  if (D % kVW == 0) {
+    switch (D / kVW) {
+      case 1: return static_cast<F>(attend<T, 1>);
+      case 2: return static_cast<F>(attend<T, 2>);
+      case 4: return static_cast<F>(attend<T, 4>);
+      case 8: return static_cast<F>(attend<T, 8>);
+      default: break;
+    }
+  }
+  return static_cast<F>(attend<T, 0>);
+}
+
+constexpr int64_t kAttendSerialWork = int64_t(1) << 17;  // below this many products per call, no helper is woken
 
 ffi::Error CachedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer cache_k,
                                ffi::AnyBuffer cache_v, ffi::Buffer<ffi::F32> new_k, ffi::Buffer<ffi::F32> new_v,
@@ -572,12 +629,13 @@ ffi::Error CachedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) work += (std::clamp<int64_t>(lp[b], 0, S) + Tn) * Tn * KVH * G * D;
   auto run = [&](auto ckp, auto cvp) {
+    const auto fn = attend_for<std::remove_const_t<std::remove_pointer_t<decltype(ckp)>>>(D);
     auto task = [=](int64_t c) {
       const int64_t b = c / KVH, h = c % KVH;
       const int64_t n_old = std::clamp<int64_t>(lp[b], 0, S);
       std::unique_ptr<float[]> scores(new float[n_old + Tn]);
       const int64_t row = ((layer * B + b) * S) * KVH * D + h * D;
-      attend(qp + b * Tn * KVH * G * D + h * G * D, ckp + row, cvp + row, nkp + b * Tn * KVH * D + h * D,
+      fn(qp + b * Tn * KVH * G * D + h * G * D, ckp + row, cvp + row, nkp + b * Tn * KVH * D + h * D,
              nvp + b * Tn * KVH * D + h * D, op + b * Tn * KVH * G * D + h * G * D, n_old, Tn, KVH, G, D,
              scores.get());
     };
