@@ -15,6 +15,11 @@ widened weights are written out before the product reads them. The kernel here (
 inside the product, so the weights are read once at one byte each; rows of the output are split over XLA's own
 intra-op thread pool.
 
+`cached_attention` attends a few new tokens per row over one layer of the stacked KV cache, read in place and only
+up to each row's length, and over the new tokens' own keys and values (the caller writes those into the cache
+afterwards): XLA's form of the same sums copied each layer's slots out of the stack and ran several small products
+over every slot at every step.
+
 The kernel is compiled at first use with the machine's C++ compiler (`$CXX`, else c++ or g++) for its own vector
 extensions, and the library is kept under $RSS_JAX_CACHE/kernels keyed by the source, the flags, the jaxlib version
 and the processor. Where there is no compiler, or the backend is not the CPU, or `RSS_JAX_INT8_KERNEL=off`, the
