@@ -36,13 +36,14 @@ def gsi_select(key, rewards, logp_big, logp_small, beta, u):
     # a candidate outside the big model's filtered support (top_k / top_p / min_p) has log pi_B = -inf and weight 0;
     # when every candidate has, nothing can be accepted (the big model then samples the step itself) and the
     # effective sample size is 0, not the NaN of a softmax over nothing
+    # (-inf >= u holds for u = -inf, so acceptance needs `some` as well)
     support = jnp.isfinite(tilted)
     some = jnp.any(support)
-    logits = jnp.where(support, beta * tilted, -jnp.inf)
-    idx = jax.random.categorical(key, jnp.where(some, logits, 0.0)).astype(jnp.int32)
-    w = jnp.where(some, jax.nn.softmax(jnp.where(some, logits, 0.0)), 0.0)
-    ess = jnp.where(some, 1.0 / jnp.maximum(jnp.sum(w * w), 1e-30), 0.0)
-    return idx, some & support[idx] & (tilted[idx] >= u), tilted, ess
+    logits = jnp.where(some, jnp.where(support, beta * tilted, -jnp.inf), 0.0)
+    idx = jax.random.categorical(key, logits).astype(jnp.int32)
+    w = jax.nn.softmax(logits)
+    ess = jnp.where(some, 1.0 / jnp.sum(w * w), 0.0)
+    return idx, some & (tilted[idx] >= u), tilted, ess
 
 
 _select = jax.jit(jax.vmap(gsi_select, in_axes=(0, 0, 0, 0, None, None)))

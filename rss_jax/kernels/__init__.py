@@ -254,8 +254,8 @@ def cached_attention(q, cache_k, cache_v, layer: int, new_k, new_v, lengths):
                          f"{new_k.shape}/{new_v.shape}, lengths {lengths.shape}")
     if cache_k.dtype == cache_v.dtype and attention_kernel_available(cache_k.dtype):
         call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
-        return call(q.astype(jnp.float32) / np.float32(np.sqrt(d)), cache_k, cache_v, new_k.astype(jnp.float32), new_v.astype(jnp.float32),
-                    lengths.astype(jnp.int32), layer=np.int64(layer))
+        return call(q.astype(jnp.float32) / np.float32(np.sqrt(d)), cache_k, cache_v, new_k.astype(jnp.float32),
+                    new_v.astype(jnp.float32), lengths.astype(jnp.int32), layer=np.int64(layer))
     from rss_jax.models.layers import split_attention
     return split_attention(q, cache_k[layer], cache_v[layer], new_k, new_v, lengths)
 

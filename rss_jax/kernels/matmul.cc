@@ -598,7 +598,11 @@ auto attend_for(int64_t D) {
     switch (D / kVW) {
       case 1: return static_cast<F>(attend<T, 1>);
       case 2: return static_cast<F>(attend<T, 2>);
+      case 3: return static_cast<F>(attend<T, 3>);
       case 4: return static_cast<F>(attend<T, 4>);
+      case 5: return static_cast<F>(attend<T, 5>);
+      case 6: return static_cast<F>(attend<T, 6>);
+      case 7: return static_cast<F>(attend<T, 7>);
       case 8: return static_cast<F>(attend<T, 8>);
       default: break;
     }
@@ -636,8 +640,7 @@ ffi::Error CachedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
       std::unique_ptr<float[]> scores(new float[n_old + Tn]);
       const int64_t row = ((layer * B + b) * S) * KVH * D + h * D;
       fn(qp + b * Tn * KVH * G * D + h * G * D, ckp + row, cvp + row, nkp + b * Tn * KVH * D + h * D,
-             nvp + b * Tn * KVH * D + h * D, op + b * Tn * KVH * G * D + h * G * D, n_old, Tn, KVH, G, D,
-             scores.get());
+         nvp + b * Tn * KVH * D + h * D, op + b * Tn * KVH * G * D + h * G * D, n_old, Tn, KVH, G, D, scores.get());
     };
     parallel_for(pool, B * KVH, task, work < kAttendSerialWork);
   };
