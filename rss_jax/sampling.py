@@ -36,6 +36,7 @@ __all__ = [
     "min_p_filter",
     "process_logits",
     "probs_from_logits",
+    "categorical",
     "sample_token",
     "shifted_logits",
     "sss_target_probs",
@@ -233,6 +234,50 @@ def probs_from_logits(logits: jax.Array, temperature, top_k: Optional[int] = Non
     return jax.nn.softmax(process_logits(logits, temperature, top_k, top_p, min_p), axis=-1)
 
 
+_CDF_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw in `categorical`
+
+
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """Draw an index from softmax(logits) along the last axis: logits [..., V] (-inf = excluded) -> int32 [...],
+    every leading position independent, one key for all of them (as ``jax.random.categorical(key, logits)``).
+
+    The same law as ``jax.random.categorical``, with another draw: two uniforms per row instead of V Gumbel
+    variates. The vocabulary is cut into blocks of 256; the first uniform picks a block by its share of the mass
+    (inverse CDF over the block sums), the second a token inside it (inverse CDF over the block), so token i of
+    block b comes out with probability (S_b / S) (p_i / S_b) = p_i / S. On a CPU this costs ~0.2 ms per 49k-token row
+    against ~2 ms for the Gumbel draws (the threefry bits dominate), and ~18 ms for 256 rows against ~220.
+    A token with zero mass is never drawn (its block or position has an empty interval; rounding at the very top
+    is clamped to the last token with mass). A row with no finite logit returns an arbitrary index, as
+    ``jax.random.categorical`` does.
+    """
+    logits = jnp.asarray(logits, _F32)
+    v = logits.shape[-1]
+    lead = logits.shape[:-1]
+    block = min(v, _CDF_BLOCK)
+    nb = -(-v // block)
+    x = logits
+    if nb * block != v:
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, nb * block - v)], constant_values=_NEG_INF)
+    x = x.reshape(lead + (nb, block))
+    top = jnp.max(logits, axis=-1)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    e = jnp.exp(x - top[..., None, None])  # [..., nb, block], the largest is 1, excluded tokens 0
+    sums = jnp.sum(e, axis=-1)  # [..., nb]
+    u = jax.random.uniform(key, lead + (2,), _F32)
+
+    def pick(mass, uniform):  # inverse CDF over the last axis of `mass`, never an index of zero mass
+        cdf = jnp.cumsum(mass, axis=-1)
+        n = mass.shape[-1]
+        idx = jnp.sum(cdf <= (uniform * cdf[..., -1])[..., None], axis=-1)
+        last = n - 1 - jnp.argmax(mass[..., ::-1] > 0, axis=-1)  # the last index with mass
+        return jnp.minimum(idx, last).astype(jnp.int32)
+
+    b = pick(sums, u[..., 0])
+    inner = jnp.take_along_axis(e, b[..., None, None], axis=-2)[..., 0, :]  # [..., block]
+    i = pick(inner, u[..., 1])
+    return jnp.minimum(b * block + i, v - 1).astype(jnp.int32)
+
+
 def sample_token(key: jax.Array, logits: jax.Array, temperature, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, min_p: Optional[float] = None) -> jax.Array:
     """Draw one token per row: key a single PRNG key, logits [..., V] -> int32 [...].
@@ -243,7 +288,7 @@ def sample_token(key: jax.Array, logits: jax.Array, temperature, top_k: Optional
         validate_sampling_args(temperature, top_k, top_p, min_p)
         return jnp.argmax(jnp.asarray(logits, _F32), axis=-1).astype(jnp.int32)
     x = process_logits(logits, temperature, top_k, top_p, min_p)
-    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+    return categorical(key, x)
 
 
 def sample_rows(keys: jax.Array, logits: jax.Array, temperature, top_k: Optional[int] = None,
@@ -257,7 +302,7 @@ def sample_rows(keys: jax.Array, logits: jax.Array, temperature, top_k: Optional
         validate_sampling_args(temperature, top_k, top_p, min_p)
         return jnp.argmax(jnp.asarray(logits, _F32), axis=-1).astype(jnp.int32)
     x = process_logits(logits, temperature, top_k, top_p, min_p)
-    return jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1))(keys, x).astype(jnp.int32)
+    return jax.vmap(categorical)(keys, x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,7 +400,7 @@ def _verify_row(key, draft: jax.Array, q: jax.Array, p: jax.Array):
     k_acc, k_out = _row_keys(key)
     n_draft = draft.shape[0]
     if n_draft == 0:  # no drafts: the block is one ordinary sample from p_0
-        tok = jax.random.categorical(k_out, jnp.log(p[0]))
+        tok = categorical(k_out, jnp.log(p[0]))
         return jnp.int32(0), tok.astype(jnp.int32), jnp.bool_(False)
     pos = jnp.arange(n_draft)
     a = _count_accepted(k_acc, _accept_prob_from_probs(p[pos, draft], q[pos, draft]))
@@ -365,7 +410,7 @@ def _verify_row(key, draft: jax.Array, q: jax.Array, p: jax.Array):
     rejected = a < n_draft
     empty = rejected & ~(jnp.sum(residual) > 0.0)
     dist = jnp.where(rejected & ~empty, residual, p_a)  # residual, or p_a as fallback, or the bonus row p_K
-    tok = jax.random.categorical(k_out, jnp.log(dist))
+    tok = categorical(k_out, jnp.log(dist))
     return a, tok.astype(jnp.int32), empty
 
 
@@ -428,7 +473,7 @@ def _paper_row(key, draft, log_ref, log_r, log_sft, tilde, shift):
     # fallback after an empty residual and the bonus after a full accept are both row a of the exact target p~
     tilde_a = tilde[a]
     log_res = log_res - jnp.max(jnp.where(use_residual, log_res, 0.0))
-    tok = jax.random.categorical(k_out, jnp.where(use_residual, log_res, tilde_a))
+    tok = categorical(k_out, jnp.where(use_residual, log_res, tilde_a))
     return a, tok.astype(jnp.int32), empty
 
 

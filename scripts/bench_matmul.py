@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_matmul.py              # -> results/bench_matmul.json
     .venv/bin/python scripts/bench_matmul.py --head       # -> results/bench_matmul_head.json
     .venv/bin/python scripts/bench_matmul.py --attention  # -> results/bench_matmul_attention.json
+    .venv/bin/python scripts/bench_matmul.py --dense --batch 1 2 3 4 5 8 16 64  # -> results/bench_matmul_dense.json
 
 A stack of 30 MLP-shaped layer pairs of SmolLM2-135M ([576, 1536] then [1536, 576]) is applied to a batch of
 activations 10 times inside one jitted fori_loop, as a decode loop applies its layers once per token. Rows:
@@ -16,7 +17,9 @@ activations 10 times inside one jitted fori_loop, as a decode loop applies its l
 GB/s is weight bytes read per second (the bound of a batch-1 decode step); `vs float32` is the time of the float32
 per-layer row over this row's time (above 1 = faster). The same process, one row after the other.
 
-`--head`: the output head of SmolLM2-135M (random [49152, 576] rows, float32 and bfloat16) against 1-8 activation
+`--dense`: the float32 dense kernel over 30 layers of SmolLM2's projection shapes at each --batch row count (a
+decode step, a verification block of K + 1 rows, a batch), with its weight GB/s and its time against the fewest
+rows. `--head`: the output head of SmolLM2-135M (random [49152, 576] rows, float32 and bfloat16) against 1-8 activation
 rows, as `kernels.dense_rows_matmul`'s CPU kernel and as XLA's einsum (compiled with the decode loops' options);
 what `kernels.rows_kernel_pays` decides from. `--attention`: the few-token attention of 30 layers of SmolLM2's shape
 (3 KV heads, 3 query heads each, head size 64) over a cache, as block products (`layers._head_scores`, what the
@@ -164,6 +167,52 @@ def bench_attention(args):
                {"machine": machine(), "rows": rows, "command": " ".join(sys.argv)})
 
 
+def bench_dense(args):
+    """The float32 dense kernel (`kernels.dense_matmul`, what the decode loops run for the layers' products) over
+    30 layers of SmolLM2-135M's five projection shapes, at each row count of --batch: a decode step (1 row), a
+    verification block (K + 1 rows), a batch. Rows are interleaved over the repeats, so a slow spell hits each."""
+    import jax
+    import jax.numpy as jnp
+
+    from rss_jax import kernels
+    from rss_jax.report import machine, table, write_json
+    if not kernels.kernel_available():
+        raise SystemExit("--dense: the CPU kernels are not built here (no compiler, or RSS_JAX_INT8_KERNEL=off)")
+    shapes = [(E, 960), (E, E), (E, F), (E, F), (F, E)]  # q|k|v, o, gate, up, down
+    rng = np.random.default_rng(0)
+    ws = [jnp.asarray(rng.standard_normal((L, k, n), dtype=np.float32) * 0.02) for k, n in shapes]
+    weight_bytes = sum(k * n for k, n in shapes) * L * 4
+
+    @jax.jit
+    def one_pass(x, ws):
+        def step(_, x):
+            for layer in range(L):
+                h = x
+                for (k, _n), w in zip(shapes, ws):
+                    h = kernels.dense_matmul(h[:, :k] if h.shape[1] >= k else jnp.tile(h, (1, 3))[:, :k], w,
+                                             layer=layer)
+                x = x + 1e-3 * h[:, :E]
+            return x
+        return jax.lax.fori_loop(0, STEPS, step, x)
+
+    xs = {m: jnp.asarray(rng.standard_normal((m, E), dtype=np.float32)) for m in args.batch}
+    for x in xs.values():
+        jax.block_until_ready(one_pass(x, ws))
+    best = dict.fromkeys(xs, float("inf"))
+    for _ in range(args.repeats):
+        for m, x in xs.items():
+            t = time.perf_counter()
+            jax.block_until_ready(one_pass(x, ws))
+            best[m] = min(best[m], (time.perf_counter() - t) / STEPS)
+    one = best[min(best)]
+    rows = [{"rows": m, "ms per 30 layers": t * 1e3, "weight GB/s": weight_bytes / t / 1e9,
+             f"vs {min(best)} row(s)": t / one, "GFLOP/s": 2 * m * weight_bytes / 4 / t / 1e9}
+            for m, t in best.items()]
+    print(table(rows, title=f"float32 dense kernel, 30 layers of SmolLM2-135M's projections, {machine()}"))
+    write_json(args.out or "results/bench_matmul_dense.json",
+               {"machine": machine(), "rows": rows, "command": " ".join(sys.argv)})
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 8])
@@ -171,8 +220,13 @@ def main():
     ap.add_argument("--head", action="store_true", help="time the output-head product instead (kernel vs XLA)")
     ap.add_argument("--attention", action="store_true", help="time few-token attention instead (block vs "
                     "broadcast products)")
-    ap.add_argument("--out", default=None, help="JSON path (default results/bench_matmul[_head|_attention].json)")
+    ap.add_argument("--dense", action="store_true", help="time the float32 dense kernel of the layers at each "
+                    "--batch row count instead")
+    ap.add_argument("--out", default=None, help="JSON path (default results/bench_matmul[_head|_attention|_dense]"
+                    ".json)")
     args = ap.parse_args()
+    if args.dense:
+        return bench_dense(args)
     if args.head:
         return bench_head(args)
     if args.attention:

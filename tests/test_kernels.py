@@ -22,14 +22,14 @@ def _ref(x, w):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_matmul_reads_one_layer_of_a_stack(dtype):
-    """Every layer of a stack [L, K, N], at row counts the kernel takes (1-64: one and two rows at a time, an odd
-    remainder) and one above (XLA's path), with N leaving a partial panel and a tail of single columns, and K not a
+    """Every layer of a stack [L, K, N], at row counts the kernel takes (1-64: its eight-, four-, three-, two- and
+    one-row passes and their mixtures, e.g. 15 = 8 + 4 + 3) and one above (XLA's path), with N leaving a partial panel and a tail of single columns, and K not a
     multiple of anything. bfloat16 weights are compared with float64 products of the same rounded weights."""
     rng = np.random.default_rng(0)
     L, K, N = 3, 37, 300
     w = jnp.asarray(rng.normal(size=(L, K, N)), jnp.float32).astype(dtype)
     f = jax.jit(kernels.dense_matmul, static_argnums=2)
-    for rows in (1, 2, 5, 64, 65):
+    for rows in (1, 2, 3, 5, 7, 8, 15, 64, 65):
         x = jnp.asarray(rng.normal(size=(rows, K)), jnp.float32)
         for layer in range(L):
             want = _ref(x, w[layer])

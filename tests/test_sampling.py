@@ -697,3 +697,51 @@ def test_paper_bonus_uses_the_filtered_exact_target(filt):
     a, tok = sampling.sss_verify(keys, jnp.asarray(draft), q, lt, ld, ls, "paper", 1.0, **filt)
     assert (np.asarray(a) == k).all()
     np.testing.assert_array_equal(np.asarray(tok), np.argmax((lt + ld - ls)[:, k], axis=-1))
+
+
+@pytest.mark.parametrize("case", ["one_block", "ragged_blocks", "empty_blocks", "peaked"])
+def test_categorical_two_level_draw_has_the_softmax_law(case):
+    """`categorical` (block by mass, then token in block by inverse CDF) against the NumPy softmax: every token's
+    frequency within N_SE standard errors, excluded (-inf) tokens never drawn, and the leading axes independent
+    (a [2, 3] batch of different rows under one key). The vocabularies cross block boundaries unevenly (1000 =
+    3 x 256 + 232), hold whole blocks of -inf, and put most mass on one token with tails of ~1e-4."""
+    rng = np.random.default_rng({"one_block": 1, "ragged_blocks": 2, "empty_blocks": 3, "peaked": 4}[case])
+    v = 7 if case == "one_block" else 1000
+    logits = rng.normal(size=(2, 3, v)).astype(np.float32)
+    if case == "one_block":
+        logits[..., 2] = -np.inf
+    if case == "empty_blocks":
+        logits[..., 256:768] = -np.inf  # blocks 1 and 2 hold no mass
+        logits[0, 1, 768:] = -np.inf  # and this row only has block 0
+    if case == "peaked":
+        logits[..., :] -= 9.0
+        logits[..., 517] = 3.0
+    expected = np_softmax(logits)
+    n = N // 4
+    keys = jax.random.split(jax.random.key(17), n)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: sampling.categorical(k, jnp.asarray(logits))))(keys))  # [n, 2, 3]
+    assert draws.dtype == np.int32 and draws.shape == (n, 2, 3)
+    for i in range(2):
+        for j in range(3):
+            freq = np.bincount(draws[:, i, j], minlength=v) / n
+            want = expected[i, j]
+            assert freq[want == 0].sum() == 0, f"{case}: a token of zero mass was drawn"
+            # tokens expected 25+ times are checked alone; the rarer ones pooled per 64 consecutive ids (a normal
+            # tolerance does not hold for a cell expected 0.2 times, whatever the sampler)
+            alone = want * n >= 25
+            pool = np.where(alone, -1, np.arange(v) // 64)
+            f_bins = [freq[alone]] + [freq[pool == g].sum(keepdims=True) for g in np.unique(pool[pool >= 0])]
+            w_bins = [want[alone]] + [want[pool == g].sum(keepdims=True) for g in np.unique(pool[pool >= 0])]
+            assert_freq(np.concatenate(f_bins), np.concatenate(w_bins), n, f"categorical {case} row {i},{j}")
+
+
+def test_categorical_ignores_rounding_at_the_top_and_all_but_one_excluded():
+    """A uniform at the top of [0, 1) must not run past the last token with mass; one finite logit is always
+    drawn, wherever it sits (first, last, inside a ragged last block)."""
+    v = 700
+    for pos in (0, 255, 256, 699):
+        x = np.full(v, -np.inf, np.float32)
+        x[pos] = -3.0
+        keys = jax.random.split(jax.random.key(pos), 512)
+        got = np.asarray(jax.vmap(lambda k: sampling.categorical(k, jnp.asarray(x)))(keys))
+        assert (got == pos).all(), pos

@@ -76,7 +76,7 @@ def test_gsi_batched_equals_single_prompt_calls(lm, big):  # noqa: F811
 
 
 def test_rsd_batched_equals_single_prompt_calls(lm, big):  # noqa: F811
-    batched, singles = _compare(rj.rsd, lm, big, delta=0.55, seed=3)
+    batched, singles = _compare(rj.rsd, lm, big, delta=0.55, seed=2)
     s = batched.stats
     assert s["accepted_tokens"] == sum(o.stats["accepted_tokens"] for o in singles)
     assert s["big_synced_tokens"] > 0  # accepted steps read by the big model before a rewrite

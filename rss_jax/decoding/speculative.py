@@ -181,7 +181,7 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
                     c_d, feat, x = hc
                     logits, hid, c_d = draft(feat, x[:, None], embed, rows_d, cache=c_d, lengths=head_len + j)
                     l = head_logits(draft, logits[:, 0])
-                    # sample in the draft vocabulary (|D| Gumbel draws instead of |V|): the same law as sampling
+                    # sample in the draft vocabulary (a draw over |D| tokens instead of |V|): the same law as sampling
                     # the full-vocabulary row l, which is -inf outside D, and q below is computed from l
                     d = draft_ids[sample_draft(j, jnp.where(draft_ok, logits[:, 0], -jnp.inf))]
                     return (c_d, hid.astype(feat.dtype), d), (l, d)

@@ -75,7 +75,7 @@ def gen_step(graphdef, scfg: StepConfig, n: int, state, cache, length, pending, 
         if scfg.sampler.temperature == 0:
             new = jnp.argmax(x, axis=-1).astype(jnp.int32)
         else:
-            new = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, x).astype(jnp.int32)
+            new = jax.vmap(sampling.categorical)(keys, x)
         lp = jnp.take_along_axis(scfg.log_probs(logits[:, 0]), new[:, None], axis=1)[:, 0]
         logp = logp + jnp.where(done, 0.0, lp)
         new = jnp.where(done, -1, new)
