@@ -152,13 +152,21 @@ def _keep_first_n(logits: jax.Array, cand: jax.Array, n: jax.Array) -> jax.Array
     1 <= n <= m. Only reductions over the top_k outputs (see top_k_filter)."""
     m = cand.shape[-1]
     nth = jnp.min(jnp.where(jnp.arange(m) < n, cand, jnp.inf), axis=-1, keepdims=True)
-    greater = logits > nth
-    tie = logits == nth
-    need = n - jnp.sum(greater, axis=-1, keepdims=True)
-    pos = jnp.arange(logits.shape[-1], dtype=_F32)
-    lowest = jax.lax.top_k(jnp.where(tie, -pos, -jnp.inf), m)[0]
-    limit = -jnp.min(jnp.where(jnp.arange(m) < need, lowest, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(greater | (tie & (pos <= limit)), logits, _NEG_INF)
+    at_least = logits >= nth
+
+    def with_ties():  # more than n logits reach the n-th value: keep the tied ones of lowest index
+        greater = logits > nth
+        tie = logits == nth
+        need = n - jnp.sum(greater, axis=-1, keepdims=True)
+        pos = jnp.arange(logits.shape[-1], dtype=_F32)
+        lowest = jax.lax.top_k(jnp.where(tie, -pos, -jnp.inf), m)[0]
+        limit = -jnp.min(jnp.where(jnp.arange(m) < need, lowest, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(greater | (tie & (pos <= limit)), logits, _NEG_INF)
+
+    # the usual case, no tie at the boundary in any row: exactly n logits reach the n-th value, and they are the
+    # answer (a second top_k over the ties cost as much as the first, ~100 ms for 256 rows of a 49k vocabulary)
+    no_tie = jnp.all(jnp.sum(at_least, axis=-1, keepdims=True) == n)
+    return jax.lax.cond(no_tie, lambda: jnp.where(at_least, logits, _NEG_INF), with_ties)
 
 
 def _top_p_sorted(logits: jax.Array, p: float) -> jax.Array:

@@ -4,7 +4,9 @@ against `rss_jax.sampling.categorical` (two uniforms per row, inverse CDF over b
     .venv/bin/python scripts/bench_sampler.py                  # -> results/bench_sampler.json
     .venv/bin/python scripts/bench_sampler.py --no-end-to-end  # the draw alone
 
-1. The draw alone: jitted, [B, 49152] float32 logits (SmolLM2's vocabulary), B in --rows; best of 10 calls.
+1. The draw alone: jitted, [B, 49152] float32 logits (SmolLM2's vocabulary), B in --rows; best of 10 calls. With
+   it, the top-k filter (k 40, what Best-of-N and the search methods apply to the target) and `lax.top_k` alone,
+   the floor under it.
 2. End to end on the real SmolLM2-135M-Instruct (float32, T 0.8, one prompt, --new-tokens tokens, no EOS stop): plain
    decoding (batch 1), SD with the shipped SFT head (K 2, batch 1) and Best-of-64 (top-k 40, one prompt: 64 rows),
    the whole call as a user waits for it, compiles excluded. The two draws are swapped into `rss_jax.sampling` in
@@ -52,6 +54,16 @@ def draw_alone(rows, repeats=10):
                 best = min(best, time.perf_counter() - t)
             row[f"{name} ms"] = best * 1e3
         row["speed-up"] = row["gumbel ms"] / row["two-level ms"]
+        for name, fn in (("top_k_filter(40) ms", lambda x: sampling.top_k_filter(x, 40)),
+                         ("lax.top_k(40) alone ms", lambda x: jax.lax.top_k(x, 40)[0])):
+            f = jax.jit(fn)
+            f(x).block_until_ready()
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                f(x).block_until_ready()
+                best = min(best, time.perf_counter() - t)
+            row[name] = best * 1e3
         out.append(row)
     return out
 
