@@ -140,8 +140,9 @@ def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
     if k >= logits.shape[-1]:
         return logits
     # Ties at the boundary keep the lowest indices; reductions over lax.top_k's outputs, never a slice or gather of
-    # them (XLA CPU then rewrites TopK as a full sort of the vocabulary, ~9 ms per 49k-token row instead of ~0.1 ms)
-    return _keep_first_n(logits, jax.lax.top_k(logits, k)[0], jnp.int32(k))
+    # them (XLA CPU then rewrites TopK as a full sort of the vocabulary, ~9 ms per 49k-token row instead of ~0.1 ms).
+    # k + 1 candidates: the (k+1)-th tells whether a row has a tie at the boundary without a pass over the row.
+    return _keep_first_n(logits, jax.lax.top_k(logits, k + 1)[0], jnp.int32(k))
 
 
 _TOP_P_CANDIDATES = 256  # top_p looks at this many largest logits first and sorts the whole row only if needed
@@ -152,7 +153,8 @@ def _keep_first_n(logits: jax.Array, cand: jax.Array, n: jax.Array) -> jax.Array
     1 <= n <= m. Only reductions over the top_k outputs (see top_k_filter)."""
     m = cand.shape[-1]
     nth = jnp.min(jnp.where(jnp.arange(m) < n, cand, jnp.inf), axis=-1, keepdims=True)
-    at_least = logits >= nth
+    # the (n+1)-th largest logit (equal to nth where n = m: then the candidates cannot tell, and the tie path runs)
+    after = jnp.min(jnp.where(jnp.arange(m) < n + 1, cand, jnp.inf), axis=-1, keepdims=True)
 
     def with_ties():  # more than n logits reach the n-th value: keep the tied ones of lowest index
         greater = logits > nth
@@ -163,10 +165,11 @@ def _keep_first_n(logits: jax.Array, cand: jax.Array, n: jax.Array) -> jax.Array
         limit = -jnp.min(jnp.where(jnp.arange(m) < need, lowest, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(greater | (tie & (pos <= limit)), logits, _NEG_INF)
 
-    # the usual case, no tie at the boundary in any row: exactly n logits reach the n-th value, and they are the
-    # answer (a second top_k over the ties cost as much as the first, ~100 ms for 256 rows of a 49k vocabulary)
-    no_tie = jnp.all(jnp.sum(at_least, axis=-1, keepdims=True) == n)
-    return jax.lax.cond(no_tie, lambda: jnp.where(at_least, logits, _NEG_INF), with_ties)
+    # the usual case, no tie at the boundary in any row: the (n+1)-th logit is below the n-th, so exactly n logits
+    # reach the n-th value and they are the answer (a second top_k over the ties cost as much as the first, ~100 ms
+    # for 256 rows of a 49k vocabulary; counting the logits >= nth, a pass over every row, ~5 ms for 64 rows)
+    no_tie = jnp.all(after < nth)
+    return jax.lax.cond(no_tie, lambda: jnp.where(logits >= nth, logits, _NEG_INF), with_ties)
 
 
 def _top_p_sorted(logits: jax.Array, p: float) -> jax.Array:
@@ -252,13 +255,31 @@ def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     The same law as ``jax.random.categorical``, with another draw: two uniforms per row instead of V Gumbel
     variates. The vocabulary is cut into blocks of 256; the first uniform picks a block by its share of the mass
     (inverse CDF over the block sums), the second a token inside it (inverse CDF over the block), so token i of
-    block b comes out with probability (S_b / S) (p_i / S_b) = p_i / S. On a CPU this costs ~0.2 ms per 49k-token row
-    against ~2 ms for the Gumbel draws (the threefry bits dominate), and ~18 ms for 256 rows against ~220.
-    A token with zero mass is never drawn (its block or position has an empty interval; rounding at the very top
-    is clamped to the last token with mass). A row with no finite logit returns an arbitrary index, as
-    ``jax.random.categorical`` does.
+    block b comes out with probability (S_b / S) (p_i / S_b) = p_i / S, to the 2^-23 resolution of a float32
+    uniform (the Gumbel draws have a like limit). On a CPU this costs ~0.1-0.2 ms per 49k-token row against
+    ~2 ms for the Gumbel draws (the threefry bits dominate), and ~20 ms for 256 rows against ~220-330.
+    A token with zero mass is never drawn, whatever the rounding of the cumulative sums. +inf logits share the
+    draw among themselves, as with the Gumbel draws. A row with no finite logit returns an arbitrary index.
     """
     logits = jnp.asarray(logits, _F32)
+    u = jax.random.uniform(key, logits.shape[:-1] + (2,), _F32)
+    return _categorical_from_uniforms(logits, u)
+
+
+def _inverse_cdf(mass: jax.Array, uniform: jax.Array) -> jax.Array:
+    """The first index along the last axis whose cumulative mass exceeds uniform * total and whose own mass is
+    positive; the last index with mass when rounding leaves none. The mass test matters: XLA may sum a long cumsum
+    as a tree, so a zero-mass entry's cumulative value can differ from its predecessor's (on CPU from ~384 entries,
+    i.e. vocabularies above 65,536 at the block level)."""
+    cdf = jnp.cumsum(mass, axis=-1)
+    positive = mass > 0
+    ok = (cdf > (uniform * cdf[..., -1])[..., None]) & positive
+    last = mass.shape[-1] - 1 - jnp.argmax(positive[..., ::-1], axis=-1)
+    return jnp.where(jnp.any(ok, axis=-1), jnp.argmax(ok, axis=-1), last).astype(jnp.int32)
+
+
+def _categorical_from_uniforms(logits: jax.Array, u: jax.Array) -> jax.Array:
+    """`categorical` given its two uniforms u [..., 2] (separate so that a test can place them at the edges)."""
     v = logits.shape[-1]
     lead = logits.shape[:-1]
     block = min(v, _CDF_BLOCK)
@@ -268,21 +289,13 @@ def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
         x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, nb * block - v)], constant_values=_NEG_INF)
     x = x.reshape(lead + (nb, block))
     top = jnp.max(logits, axis=-1)
+    infinite = (top == jnp.inf)[..., None, None]
     top = jnp.where(jnp.isfinite(top), top, 0.0)
-    e = jnp.exp(x - top[..., None, None])  # [..., nb, block], the largest is 1, excluded tokens 0
-    sums = jnp.sum(e, axis=-1)  # [..., nb]
-    u = jax.random.uniform(key, lead + (2,), _F32)
-
-    def pick(mass, uniform):  # inverse CDF over the last axis of `mass`, never an index of zero mass
-        cdf = jnp.cumsum(mass, axis=-1)
-        n = mass.shape[-1]
-        idx = jnp.sum(cdf <= (uniform * cdf[..., -1])[..., None], axis=-1)
-        last = n - 1 - jnp.argmax(mass[..., ::-1] > 0, axis=-1)  # the last index with mass
-        return jnp.minimum(idx, last).astype(jnp.int32)
-
-    b = pick(sums, u[..., 0])
+    # [..., nb, block]: the largest is 1 and excluded tokens 0; with +inf logits, mass 1 on each of them alone
+    e = jnp.where(infinite, (x == jnp.inf).astype(_F32), jnp.exp(x - top[..., None, None]))
+    b = _inverse_cdf(jnp.sum(e, axis=-1), u[..., 0])
     inner = jnp.take_along_axis(e, b[..., None, None], axis=-2)[..., 0, :]  # [..., block]
-    i = pick(inner, u[..., 1])
+    i = _inverse_cdf(inner, u[..., 1])
     return jnp.minimum(b * block + i, v - 1).astype(jnp.int32)
 
 

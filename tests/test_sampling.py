@@ -745,3 +745,33 @@ def test_categorical_ignores_rounding_at_the_top_and_all_but_one_excluded():
         keys = jax.random.split(jax.random.key(pos), 512)
         got = np.asarray(jax.vmap(lambda k: sampling.categorical(k, jnp.asarray(x)))(keys))
         assert (got == pos).all(), pos
+
+
+def test_categorical_never_draws_zero_mass_at_the_edges_of_a_long_cumsum():
+    """A vocabulary of 128,256 (Llama-3's; 501 blocks, past where XLA sums a cumsum as a tree and a zero-mass
+    block's cumulative value can differ from the one before it) with a top-k-like row: 50 finite logits scattered
+    over mostly empty blocks. The uniforms are placed exactly at every block's cumulative share and one float32
+    step either side, where a rounding slip would pick an empty block: every draw must be a finite logit. And
+    +inf logits share the draw, as with jax.random.categorical."""
+    rng = np.random.default_rng(21)
+    v = 128_256
+    x = np.full(v, -np.inf, np.float32)
+    live = rng.choice(v, 50, replace=False)
+    x[live] = rng.normal(size=50).astype(np.float32) * 2
+    block = sampling._CDF_BLOCK
+    nb = -(-v // block)
+    xp = np.pad(x, (0, nb * block - v), constant_values=-np.inf).reshape(nb, block)
+    sums = np.exp(xp - x.max()).sum(-1).astype(np.float32)
+    cdf = np.asarray(jnp.cumsum(jnp.asarray(sums)))
+    edges = (cdf / cdf[-1]).astype(np.float32)
+    us = np.concatenate([edges, np.nextafter(edges, 0, dtype=np.float32), np.nextafter(edges, 1, dtype=np.float32),
+                         np.float32([0.0, 1 - 2 ** -24])])
+    us = np.clip(us, 0, 1 - 2 ** -24).astype(np.float32)
+    grid = np.stack(np.meshgrid(us, np.float32([0.0, 0.5, 1 - 2 ** -24]), indexing="ij"), -1).reshape(-1, 2)
+    got = np.asarray(jax.jit(jax.vmap(lambda u: sampling._categorical_from_uniforms(jnp.asarray(x), u)))(
+        jnp.asarray(grid)))
+    assert np.isfinite(x[got]).all(), np.unique(got[~np.isfinite(x[got])])
+    y = np.float32([0.0, np.inf, -np.inf, np.inf])
+    keys = jax.random.split(jax.random.key(4), 2000)
+    draws = np.asarray(jax.vmap(lambda k: sampling.categorical(k, jnp.asarray(y)))(keys))
+    assert set(np.unique(draws)) == {1, 3}

@@ -352,8 +352,9 @@ void panel_block(int nv, const float* x, int64_t K, const T* w, int64_t N, float
   }
 }
 
-// all M rows of x against the nv vectors of columns from n0 (one panel): four rows share each loaded weight where
-// there are four (half a panel at a time, so the sums stay in registers), then two, then one
+// all M rows of x against the nv vectors of columns from n0 (one panel): with AVX-512 eight rows share each loaded
+// weight where there are eight (three vectors at a time), then four (half a panel at a time, so the sums stay in
+// registers), then a remainder of three in one pass, or two, then one
 template <typename T>
 void panel(int nv, const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t n0) {
   for (int64_t m = 0; m < M; ++m) std::memset(y + m * N + n0, 0, nv * kVW * sizeof(float));
