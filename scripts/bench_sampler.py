@@ -34,7 +34,18 @@ def gumbel_draw(key, logits):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def draw_alone(rows, repeats=10):
+def best_ms(f, *args, repeats=10):
+    """Best of `repeats` calls of the jitted f (ms), after one call that compiles it."""
+    f(*args).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(*args).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def draw_alone(rows):
     import jax
 
     from rss_jax import sampling
@@ -45,25 +56,10 @@ def draw_alone(rows, repeats=10):
         keys = jax.random.split(jax.random.key(0), b)
         row = {"rows": b}
         for name, fn in (("gumbel", gumbel_draw), ("two-level", sampling.categorical)):
-            f = jax.jit(jax.vmap(fn))
-            f(keys, x).block_until_ready()
-            best = float("inf")
-            for _ in range(repeats):
-                t = time.perf_counter()
-                f(keys, x).block_until_ready()
-                best = min(best, time.perf_counter() - t)
-            row[f"{name} ms"] = best * 1e3
+            row[f"{name} ms"] = best_ms(jax.jit(jax.vmap(fn)), keys, x)
         row["speed-up"] = row["gumbel ms"] / row["two-level ms"]
-        for name, fn in (("top_k_filter(40) ms", lambda x: sampling.top_k_filter(x, 40)),
-                         ("lax.top_k(40) alone ms", lambda x: jax.lax.top_k(x, 40)[0])):
-            f = jax.jit(fn)
-            f(x).block_until_ready()
-            best = float("inf")
-            for _ in range(repeats):
-                t = time.perf_counter()
-                f(x).block_until_ready()
-                best = min(best, time.perf_counter() - t)
-            row[name] = best * 1e3
+        row["top_k_filter(40) ms"] = best_ms(jax.jit(lambda x: sampling.top_k_filter(x, 40)), x)
+        row["lax.top_k(40) alone ms"] = best_ms(jax.jit(lambda x: jax.lax.top_k(x, 40)[0]), x)
         out.append(row)
     return out
 

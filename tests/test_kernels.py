@@ -23,8 +23,9 @@ def _ref(x, w):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_matmul_reads_one_layer_of_a_stack(dtype):
     """Every layer of a stack [L, K, N], at row counts the kernel takes (1-64: its eight-, four-, three-, two- and
-    one-row passes and their mixtures, e.g. 15 = 8 + 4 + 3) and one above (XLA's path), with N leaving a partial panel and a tail of single columns, and K not a
-    multiple of anything. bfloat16 weights are compared with float64 products of the same rounded weights."""
+    one-row passes and their mixtures, e.g. 15 = 8 + 4 + 3) and one above (XLA's path), with N leaving a partial
+    panel and a tail of single columns, and K not a multiple of anything. bfloat16 weights are compared with
+    float64 products of the same rounded weights."""
     rng = np.random.default_rng(0)
     L, K, N = 3, 37, 300
     w = jnp.asarray(rng.normal(size=(L, K, N)), jnp.float32).astype(dtype)

@@ -367,7 +367,7 @@ void panel(int nv, const float* x, int64_t M, int64_t K, const T* w, int64_t N, 
 #endif
     for (; m + 4 <= M; m += 4)
       panel_block<T, 4, kNV / 2>(nv, x + m * K, K, w, N, y + m * N, n0, k0, k1, m == 0);
-    if (M - m == 3) {  // three rows in one pass: a 2-row and a 1-row pass cost 1.16x one row's time, this 1.0x
+    if (M - m == 3) {  // three rows in one pass (a verification block of K = 2) rather than a 2-row and a 1-row
       panel_block<T, 3, kNV / 2>(nv, x + m * K, K, w, N, y + m * N, n0, k0, k1, m == 0);
       m += 3;
     }
