@@ -87,6 +87,9 @@ def main():
     ap.add_argument("--dpo-beta", type=float, default=0.1)
     ap.add_argument("--consistency", type=float, default=1.0)
     ap.add_argument("--min-gap", type=float, default=0.1, help="DPO pairs need this VADER gap")
+    ap.add_argument("--train-files", default="train.jsonl",
+                    help="comma-separated sample files under --data to train on (scripts/sample_target.py output); "
+                    "each keeps its own feature cache <name>_feat_<taps>.npz")
     ap.add_argument("--run-name", default="run1", help="runs/<name>-sft and runs/<name>-dpo under --data hold the "
                     "metrics and checkpoints")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "train_heads.json"))
@@ -94,14 +97,26 @@ def main():
     t_start = time.time()
     taps = tuple(int(t) for t in a.taps.split(","))
     lm = rss_jax.load(a.model)
-    train_recs = read_records(os.path.join(a.data, "train.jsonl"))
-    eval_recs = read_records(os.path.join(a.data, "eval.jsonl"))
-    print(f"{len(train_recs)} training responses, {len(eval_recs)} evaluation responses", flush=True)
     tag = "-".join(map(str, taps))
-    fs = features(lm, train_recs, taps, a.temperature, os.path.join(a.data, f"train_feat_{tag}.npz"), a.width)
+    train_recs, parts = [], []
+    for n_file, name in enumerate(x.strip() for x in a.train_files.split(",") if x.strip()):
+        path = os.path.join(a.data, name)
+        if not os.path.exists(path):
+            raise SystemExit(f"train_heads.py: error: no sample file {path}; make it with scripts/sample_target.py "
+                             "(see `make drafts`) or drop it from --train-files")
+        recs = [dict(r, file=n_file) for r in read_records(path)]
+        stem = os.path.splitext(name)[0]
+        parts.append(features(lm, recs, taps, a.temperature, os.path.join(a.data, f"{stem}_feat_{tag}.npz"),
+                              a.width))
+        train_recs += recs
+    fs = parts[0] if len(parts) == 1 else th.FeatureSet.concat(parts)
+    del parts
+    eval_recs = read_records(os.path.join(a.data, "eval.jsonl"))
+    print(f"{len(train_recs)} training responses ({a.train_files}), {len(eval_recs)} evaluation responses",
+          flush=True)
     ev = features(lm, eval_recs, taps, a.temperature, os.path.join(a.data, f"eval_feat_{tag}.npz"), a.width)
     report = {"model": a.model, "taps": list(taps), "vocab": a.vocab, "temperature": a.temperature,
-              "train_responses": len(train_recs), "eval_responses": len(eval_recs),
+              "train_files": a.train_files, "train_responses": len(train_recs), "eval_responses": len(eval_recs),
               "train_tokens": int(sum(len(r["response_ids"]) for r in train_recs)), "args": vars(a)}
 
     if a.init:
@@ -140,7 +155,7 @@ def main():
                                          [r["response_ids"] for r in train_recs]), np.float32)
         by_prompt = {}
         for row, r in enumerate(train_recs):
-            by_prompt.setdefault(r["i"], []).append(row)
+            by_prompt.setdefault((r["file"], r["i"]), []).append(row)
         pairs = []
         for rows in by_prompt.values():
             rows = sorted(rows, key=lambda x: -scores[x])

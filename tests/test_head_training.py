@@ -110,6 +110,21 @@ def test_closed_form_acceptance_matches_numpy(tiny, records):
     np.testing.assert_allclose(got, want, atol=2e-3)
 
 
+def test_feature_sets_concatenate_row_for_row(tiny, records):
+    """Two extractions joined (train_heads.py's several sample files) equal one extraction of all the records; parts
+    with other taps are refused."""
+    whole = th.extract_features(tiny, records[:6], (1, 2), 0.8, width=32, batch_size=4, progress=False)
+    parts = [th.extract_features(tiny, records[i:j], (1, 2), 0.8, width=32, batch_size=4, progress=False)
+             for i, j in ((0, 2), (2, 6))]
+    joined = th.FeatureSet.concat(parts)
+    for name in ("tokens", "lengths", "prompt_lens", "taps", "final", "lse"):
+        np.testing.assert_allclose(np.asarray(getattr(joined, name), np.float32),
+                                   np.asarray(getattr(whole, name), np.float32), atol=2e-3, err_msg=name)
+    other = th.extract_features(tiny, records[:2], (0, 2), 0.8, width=32, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="same width, taps and temperature"):
+        th.FeatureSet.concat([parts[0], other])
+
+
 def test_distill_then_dpo(tiny, records, tmp_path):
     taps = (0, 1, 2)
     fs = th.extract_features(tiny, records, taps, 0.8, width=32, batch_size=16, progress=False)

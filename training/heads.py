@@ -71,6 +71,17 @@ class FeatureSet:
         return FeatureSet(self.tokens[idx], self.lengths[idx], self.prompt_lens[idx], self.taps[idx],
                           self.final[idx], self.lse[idx], dict(self.meta))
 
+    @classmethod
+    def concat(cls, parts: list["FeatureSet"]) -> "FeatureSet":
+        """The rows of every part, in order (parts must share taps, temperature and width)."""
+        first = parts[0]
+        for f in parts[1:]:
+            if f.tokens.shape[1] != first.tokens.shape[1] or f.meta.get("taps") != first.meta.get("taps") or \
+                    f.meta.get("temperature") != first.meta.get("temperature"):
+                raise ValueError("FeatureSet.concat needs parts with the same width, taps and temperature")
+        return cls(*(np.concatenate([getattr(f, name) for f in parts])
+                     for name in ("tokens", "lengths", "prompt_lens", "taps", "final", "lse")), meta=dict(first.meta))
+
     def save(self, path: str) -> None:
         tmp = path + ".tmp.npz"
         np.savez(tmp, tokens=self.tokens, lengths=self.lengths, prompt_lens=self.prompt_lens, taps=self.taps,
