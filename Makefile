@@ -34,7 +34,7 @@ demo: $(BASE)
 # on VADER-ranked pairs of the twice-answered prompts (reference: the SFT head). About 3 hours on two cores.
 HEAD_DATA := $(or $(RSS_JAX_CACHE),$(HOME)/.cache/rss_jax)/head_data
 HEADS := rss_jax/assets/heads
-STAGE3 := --steps 700 --eval-every 175 --learning-rate 1e-3 --tv-weight 0.5 --dpo-steps 150
+STAGE3 := --steps 350 --eval-every 175 --learning-rate 1e-3 --tv-weight 0.5 --dpo-steps 100
 drafts: $(STAMP)
 	$(PY) scripts/sample_target.py --prompts data/prompts_eval.jsonl --limit 120 --batch 40 --seed 1 --out $(HEAD_DATA)/eval.jsonl
 	$(PY) scripts/sample_target.py --prompts data/prompts_train.jsonl --responses 2 --max-total 2432 --batch 64 --out $(HEAD_DATA)/train.jsonl
