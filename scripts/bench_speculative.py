@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/bench_speculative.py                    # the shipped heads; v2 drafts from the cache
     .venv/bin/python scripts/bench_speculative.py --quality-prompts 100 --k 2 3 4 6
+    .venv/bin/python scripts/bench_speculative.py --costs-only --k 1 2 3 4 5   # the step costs alone (~2 min)
 
 Two parts, both batch 1 (each prompt alone: the latency a user waits for), float32, T = 0.8, no EOS stop (every run
 makes exactly --new-tokens tokens), held-out prompts (data/prompts_eval.jsonl: topics the heads never saw):
@@ -40,10 +41,11 @@ def eval_prompts(n: int) -> list[str]:
     return rows[:n]
 
 
-def step_costs(lm, head, ks, repeats=20):
+def step_costs(lm, head, ks, repeats=10, rounds=4):
     """Times (ms) of: one target step, a target forward over K+1 tokens, one head drafting step, one (K+1)-token
-    head re-run (all cached, batch 1, jitted, after warm-up). The modules are merged with `decode_model`, as the
-    decode loops merge them (per-layer weights, the CPU kernels), so the costs are the loops' own."""
+    head re-run (all cached, batch 1, jitted, after warm-up; `rounds` alternated rounds of `repeats` calls each, the
+    best round kept). The modules are merged with `decode_model`, as the decode loops merge them (per-layer weights,
+    the CPU kernels), so the costs are the loops' own."""
     import jax
     import jax.numpy as jnp
 
@@ -69,32 +71,37 @@ def step_costs(lm, head, ks, repeats=20):
         out = m(feat, tokens, emb, rows if with_logits else None, cache=cache, lengths=jnp.full((1,), start, jnp.int32))
         return out[0] if with_logits else out[1]
 
-    def timed(fn, *a):
+    calls = {}
+
+    def add(name, fn, *a):
         # compiled with the decode loops' own compiler options
         fn = jax.jit(fn).lower(*a).compile(compiler_options=compiler_options())
         jax.block_until_ready(fn(*a))
-        best = math.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                r = fn(*a)
-            jax.block_until_ready(r)
-            best = min(best, (time.perf_counter() - t0) / repeats)
-        return best * 1e3
+        calls[name] = (fn, a)
 
     tc = init_cache(lm.config, 1, cap)
     hc = init_cache(head.config, 1, cap)
     e = lm.config.hidden_size
-    out = {"target_1": timed(target_fwd, lm.state, jnp.zeros((1, 1), jnp.int32), tc)}
-    out["head_step"] = timed(lambda s, f, t, c: head_fwd(s, f, t, c, True), head.state,
-                             jnp.zeros((1, 1, e)), jnp.zeros((1, 1), jnp.int32), hc)
+    add("target_1", target_fwd, lm.state, jnp.zeros((1, 1), jnp.int32), tc)
+    add("head_step", lambda s, f, t, c: head_fwd(s, f, t, c, True), head.state, jnp.zeros((1, 1, e)),
+        jnp.zeros((1, 1), jnp.int32), hc)
     for k in sorted(set(ks) | {0}):
-        out[f"target_{k + 1}"] = timed(target_fwd, lm.state, jnp.zeros((1, k + 1), jnp.int32), tc)
+        add(f"target_{k + 1}", target_fwd, lm.state, jnp.zeros((1, k + 1), jnp.int32), tc)
         for logits in (True, False):
-            out[f"rerun_{k + 1}{'' if logits else '_nologits'}"] = timed(
+            add(f"rerun_{k + 1}{'' if logits else '_nologits'}",
                 lambda s, f, t, c, lg=logits: head_fwd(s, f, t, c, lg), head.state, jnp.zeros((1, k + 1, e)),
                 jnp.zeros((1, k + 1), jnp.int32), hc)
-    return out
+    # rounds over all the calls in turn, best round per call: timing each call's rounds back to back let the
+    # machine's drift decide the order of the block sizes (a 4-token forward once timed above a 5-token one)
+    best = {name: math.inf for name in calls}
+    for _ in range(rounds):
+        for name, (fn, a) in calls.items():
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                r = fn(*a)
+            jax.block_until_ready(r)
+            best[name] = min(best[name], (time.perf_counter() - t0) / repeats)
+    return {name: t * 1e3 for name, t in best.items()}
 
 
 def main():
@@ -113,6 +120,7 @@ def main():
     ap.add_argument("--draft-top-k", type=int, default=None)
     ap.add_argument("--int8", action="store_true", help="also run AR, EFT, SD and SSS of the sweep with the target "
                     "and the heads loaded with quantize='int8' (rows marked int8; 'vs ar' is against float32 AR)")
+    ap.add_argument("--costs-only", action="store_true", help="time the step costs (for K in --k) and stop")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_speculative.json"))
     args = ap.parse_args()
 
@@ -160,6 +168,14 @@ def main():
     t1 = costs["target_1"]
     c = costs["head_step"] / t1
     print(f"step costs (ms): {json.dumps({k: round(v, 2) for k, v in costs.items()})}; c = {c:.3f}", flush=True)
+    if args.costs_only:
+        rows = [{"forward": f"target, {k + 1} tokens", "ms": costs[f"target_{k + 1}"],
+                 "vs target step": costs[f"target_{k + 1}"] / t1} for k in sorted(set(args.k) | {0})]
+        rows.append({"forward": "head drafting step", "ms": costs["head_step"], "vs target step": c})
+        print(table(rows, title=f"step costs, batch 1, float32; {machine()}"))
+        write_json(args.out, {"machine": machine(), "command": " ".join(sys.argv), "sft_head": sft.source,
+                              "step_costs_ms": costs, "c": c, "total_s": time.time() - t_start})
+        return
 
     def predict(method, k, a):
         e_tok = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
