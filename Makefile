@@ -32,6 +32,8 @@ demo: $(BASE)
 # (2) 928 more responses, 500 more steps from that head with a total-variation term; (3) 2800 responses to the
 # extra prompts (129 more topics; 1000 prompts answered twice), more steps from that head on them, then DPO of a copy
 # on VADER-ranked pairs of the twice-answered prompts (reference: the SFT head). About 3 hours on two cores.
+# (The committed results/train_heads.json also holds the DPO run that stage 2 made when it was the last stage; the
+# aligned head shipped now is stage 3's, results/train_heads_stage3.json.)
 HEAD_DATA := $(or $(RSS_JAX_CACHE),$(HOME)/.cache/rss_jax)/head_data
 HEADS := rss_jax/assets/heads
 STAGE3 := --steps 350 --eval-every 175 --learning-rate 1e-3 --tv-weight 0.5 --dpo-steps 100

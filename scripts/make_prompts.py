@@ -50,7 +50,7 @@ FORMS = [
     "Write the opening paragraph of a novel about {}.", "What questions would a journalist ask about {}?",
 ]
 
-# topics for the heads' wider training data: none is one of EVAL_TOPICS or close to one
+# topics for the heads' wider training data: none is one of EVAL_TOPICS (a few share a word with one)
 EXTRA_TOPICS = [
     "a vegetable garden in spring", "learning to drive", "a grandmother's recipe", "the post office", "a rainy bus stop",
     "a science museum", "building a bookshelf", "a cup of hot cocoa", "a marathon volunteer", "a new haircut",

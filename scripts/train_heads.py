@@ -1,8 +1,9 @@
 """Train the shipped feature-draft heads of SmolLM2-135M-Instruct: an SFT head distilled toward the target and an
 aligned head (DPO on VADER-ranked pairs of the target's own responses, reference = the SFT head).
 
-Inputs: the target's responses to data/prompts_train.jsonl and data/prompts_eval.jsonl (scripts/sample_target.py;
-the evaluation prompts use topics the training prompts never mention). The target's tapped features are computed
+Inputs: the target's responses to data/prompts_train.jsonl (or the files --train-files names, e.g. the answers to
+data/prompts_train_extra.jsonl) and data/prompts_eval.jsonl (scripts/sample_target.py; the evaluation prompts use
+topics the training prompts never mention). The target's tapped features are computed
 once and cached (.npz beside the samples). Per-offset acceptance alpha_i (closed form, teacher-forced on the
 evaluation samples, fed-back features for i >= 2) is measured before and after, and written to the JSON report.
 
@@ -99,7 +100,10 @@ def main():
     lm = rss_jax.load(a.model)
     tag = "-".join(map(str, taps))
     train_recs, parts = [], []
-    for n_file, name in enumerate(x.strip() for x in a.train_files.split(",") if x.strip()):
+    names = [x.strip() for x in a.train_files.split(",") if x.strip()]
+    if not names:
+        raise SystemExit("train_heads.py: error: --train-files names no file; give e.g. --train-files train.jsonl")
+    for n_file, name in enumerate(names):
         path = os.path.join(a.data, name)
         if not os.path.exists(path):
             raise SystemExit(f"train_heads.py: error: no sample file {path}; make it with scripts/sample_target.py "

@@ -121,7 +121,7 @@ def test_feature_sets_concatenate_row_for_row(tiny, records):
         np.testing.assert_allclose(np.asarray(getattr(joined, name), np.float32),
                                    np.asarray(getattr(whole, name), np.float32), atol=2e-3, err_msg=name)
     other = th.extract_features(tiny, records[:2], (0, 2), 0.8, width=32, batch_size=4, progress=False)
-    with pytest.raises(ValueError, match="same width, taps and temperature"):
+    with pytest.raises(ValueError, match="same width, taps, temperature and target"):
         th.FeatureSet.concat([parts[0], other])
 
 

@@ -73,12 +73,13 @@ class FeatureSet:
 
     @classmethod
     def concat(cls, parts: list["FeatureSet"]) -> "FeatureSet":
-        """The rows of every part, in order (parts must share taps, temperature and width)."""
+        """The rows of every part, in order (parts must share width, taps, temperature and target model)."""
         first = parts[0]
         for f in parts[1:]:
-            if f.tokens.shape[1] != first.tokens.shape[1] or f.meta.get("taps") != first.meta.get("taps") or \
-                    f.meta.get("temperature") != first.meta.get("temperature"):
-                raise ValueError("FeatureSet.concat needs parts with the same width, taps and temperature")
+            if f.tokens.shape[1] != first.tokens.shape[1] or any(f.meta.get(k) != first.meta.get(k)
+                                                                  for k in ("taps", "temperature", "target")):
+                raise ValueError("FeatureSet.concat needs parts with the same width, taps, temperature and target "
+                                 "model")
         return cls(*(np.concatenate([getattr(f, name) for f in parts])
                      for name in ("tokens", "lengths", "prompt_lens", "taps", "final", "lse")), meta=dict(first.meta))
 
