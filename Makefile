@@ -36,7 +36,6 @@ demo: $(BASE)
 # aligned head shipped now is stage 3's, results/train_heads_stage3.json.)
 HEAD_DATA := $(or $(RSS_JAX_CACHE),$(HOME)/.cache/rss_jax)/head_data
 HEADS := rss_jax/assets/heads
-STAGE3 := --steps 350 --eval-every 175 --learning-rate 1e-3 --tv-weight 0.5 --dpo-steps 100
 drafts: $(STAMP)
 	$(PY) scripts/sample_target.py --prompts data/prompts_eval.jsonl --limit 120 --batch 40 --seed 1 --out $(HEAD_DATA)/eval.jsonl
 	$(PY) scripts/sample_target.py --prompts data/prompts_train.jsonl --responses 2 --max-total 2432 --batch 64 --out $(HEAD_DATA)/train.jsonl
@@ -45,7 +44,7 @@ drafts: $(STAMP)
 	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --init $(HEADS)/smollm2-135m-instruct-sft --steps 500 --eval-every 250 --learning-rate 1e-3 --tv-weight 0.5 --dpo-steps 0 --run-name run2 --save $(HEADS) --out results/train_heads.json
 	$(PY) scripts/sample_target.py --prompts data/prompts_train_extra.jsonl --responses 2 --limit 1000 --batch 64 --seed 11 --out $(HEAD_DATA)/train_extra.jsonl
 	$(PY) scripts/sample_target.py --prompts data/prompts_train_extra.jsonl --responses 1 --max-total 1800 --batch 64 --seed 11 --out $(HEAD_DATA)/train_extra.jsonl
-	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --train-files train_extra.jsonl --init $(HEADS)/smollm2-135m-instruct-sft $(STAGE3) --run-name run3 --save $(HEADS) --out results/train_heads_stage3.json
+	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --train-files train_extra.jsonl --init $(HEADS)/smollm2-135m-instruct-sft --steps 350 --eval-every 175 --learning-rate 1e-3 --tv-weight 0.5 --dpo-steps 100 --run-name run3 --save $(HEADS) --out results/train_heads_stage3.json
 
 # the earlier separate-model drafts (v2: a 7-layer truncation with a 16k head, distilled, then DPO), which
 # scripts/bench_speculative.py compares with the heads when they are in the cache (about 90 min on 2 cores)

@@ -45,7 +45,7 @@ def features(lm, records, taps, temperature, path, width):
     if os.path.exists(path):
         cached = th.FeatureSet.load(path)
         if cached.meta.get("taps") == list(taps) and cached.tokens.shape[1] == width and \
-                cached.meta.get("temperature") == temperature:
+                cached.meta.get("temperature") == temperature and cached.meta.get("target") == lm.source:
             where = {tuple(cached.tokens[i, :cached.lengths[i]].tolist()): i for i in range(len(cached))}
     seqs = [tuple(r["prompt_ids"] + r["response_ids"]) for r in records]
     missing = [j for j, s in enumerate(seqs) if s not in where]
@@ -57,11 +57,8 @@ def features(lm, records, taps, temperature, path, width):
         fs = new
     else:
         print(f"reused {len(records) - len(missing)} cached rows of {path}", flush=True)
-        pos = {j: n for n, j in enumerate(missing)}
-        src = [(new, pos[j]) if j in pos else (cached, where[s]) for j, s in enumerate(seqs)]
-        fs = th.FeatureSet(*(np.stack([getattr(f, name)[i] for f, i in src])
-                             for name in ("tokens", "lengths", "prompt_lens", "taps", "final", "lse")),
-                           meta=dict(new.meta))
+        pos = {j: len(cached) + n for n, j in enumerate(missing)}  # rows of `new` follow the cached rows
+        fs = th.FeatureSet.concat([cached, new]).subset([pos[j] if j in pos else where[s] for j, s in enumerate(seqs)])
     fs.save(path)
     return fs
 

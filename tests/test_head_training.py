@@ -117,12 +117,32 @@ def test_feature_sets_concatenate_row_for_row(tiny, records):
     parts = [th.extract_features(tiny, records[i:j], (1, 2), 0.8, width=32, batch_size=4, progress=False)
              for i, j in ((0, 2), (2, 6))]
     joined = th.FeatureSet.concat(parts)
-    for name in ("tokens", "lengths", "prompt_lens", "taps", "final", "lse"):
+    for name in th.FeatureSet.ARRAYS:
         np.testing.assert_allclose(np.asarray(getattr(joined, name), np.float32),
                                    np.asarray(getattr(whole, name), np.float32), atol=2e-3, err_msg=name)
     other = th.extract_features(tiny, records[:2], (0, 2), 0.8, width=32, batch_size=4, progress=False)
     with pytest.raises(ValueError, match="same width, taps, temperature and target"):
         th.FeatureSet.concat([parts[0], other])
+
+
+def test_feature_cache_reuses_rows_in_any_order(tiny, records, tmp_path):
+    """scripts/train_heads.py's feature cache: a second call with more records, in another order, extracts only the
+    new ones and returns every record's row where a fresh extraction puts it."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "train_heads_script", os.path.join(os.path.dirname(__file__), "..", "scripts", "train_heads.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = str(tmp_path / "feat.npz")
+    script.features(tiny, records[:8:2], (1, 2), 0.8, path, 32)
+    order = records[3:8] + records[:3]
+    got = script.features(tiny, order, (1, 2), 0.8, path, 32)
+    want = th.extract_features(tiny, order, (1, 2), 0.8, width=32, batch_size=4, progress=False)
+    for name in th.FeatureSet.ARRAYS:
+        np.testing.assert_allclose(np.asarray(getattr(got, name), np.float32),
+                                   np.asarray(getattr(want, name), np.float32), atol=2e-3, err_msg=name)
+    assert len(th.FeatureSet.load(path)) == len(order)
 
 
 def test_distill_then_dpo(tiny, records, tmp_path):

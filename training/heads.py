@@ -63,13 +63,14 @@ class FeatureSet:
     lse: np.ndarray
     meta: dict
 
+    ARRAYS = ("tokens", "lengths", "prompt_lens", "taps", "final", "lse")  # the per-sequence fields, in order
+
     def __len__(self):
         return len(self.tokens)
 
     def subset(self, idx) -> "FeatureSet":
         idx = np.asarray(idx)
-        return FeatureSet(self.tokens[idx], self.lengths[idx], self.prompt_lens[idx], self.taps[idx],
-                          self.final[idx], self.lse[idx], dict(self.meta))
+        return FeatureSet(*(getattr(self, name)[idx] for name in self.ARRAYS), meta=dict(self.meta))
 
     @classmethod
     def concat(cls, parts: list["FeatureSet"]) -> "FeatureSet":
@@ -80,8 +81,7 @@ class FeatureSet:
                                                                   for k in ("taps", "temperature", "target")):
                 raise ValueError("FeatureSet.concat needs parts with the same width, taps, temperature and target "
                                  "model")
-        return cls(*(np.concatenate([getattr(f, name) for f in parts])
-                     for name in ("tokens", "lengths", "prompt_lens", "taps", "final", "lse")), meta=dict(first.meta))
+        return cls(*(np.concatenate([getattr(f, name) for f in parts]) for name in cls.ARRAYS), meta=dict(first.meta))
 
     def save(self, path: str) -> None:
         tmp = path + ".tmp.npz"
