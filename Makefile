@@ -27,13 +27,15 @@ demo: $(BASE)
 	$(PY) -m rss_jax.cli demo
 
 # re-make the shipped feature-draft heads of the built-in model (rss_jax/assets/heads; docs/feature_heads.md), in
-# the three stages they were made in: (1) the target samples 120 held-out and 2432 training responses (T 0.8, up to
+# the four stages they were made in: (1) the target samples 120 held-out and 2432 training responses (T 0.8, up to
 # 128 tokens; cached, resumable) and an SFT head is distilled on its tapped features (multi-step loss, 450 steps);
 # (2) 928 more responses, 500 more steps from that head with a total-variation term; (3) 2800 responses to the
-# extra prompts (129 more topics; 1000 prompts answered twice), more steps from that head on them, then DPO of a copy
-# on VADER-ranked pairs of the twice-answered prompts (reference: the SFT head). About 3 hours on two cores.
-# (The committed results/train_heads.json also holds the DPO run that stage 2 made when it was the last stage; the
-# aligned head shipped now is stage 3's, results/train_heads_stage3.json.)
+# extra prompts (129 more topics; 1000 prompts answered twice), 350 more steps from that head on them; (4) 250 more
+# steps on the same responses at a lower peak learning rate, then DPO of a copy on VADER-ranked pairs of the
+# twice-answered prompts (reference: the SFT head). About 3.5 hours on two cores.
+# (The committed results/train_heads.json and results/train_heads_stage3.json also hold the DPO runs that stages 2
+# and 3 made when each was the last stage; stage 4's SFT steps were first run as a probe whose training log is
+# results/train_heads_probe_s14.json, and results/train_heads_stage4.json resumed its last checkpoint.)
 HEAD_DATA := $(or $(RSS_JAX_CACHE),$(HOME)/.cache/rss_jax)/head_data
 HEADS := rss_jax/assets/heads
 drafts: $(STAMP)
@@ -44,7 +46,8 @@ drafts: $(STAMP)
 	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --init $(HEADS)/smollm2-135m-instruct-sft --steps 500 --eval-every 250 --learning-rate 1e-3 --tv-weight 0.5 --dpo-steps 0 --run-name run2 --save $(HEADS) --out results/train_heads.json
 	$(PY) scripts/sample_target.py --prompts data/prompts_train_extra.jsonl --responses 2 --limit 1000 --batch 64 --seed 11 --out $(HEAD_DATA)/train_extra.jsonl
 	$(PY) scripts/sample_target.py --prompts data/prompts_train_extra.jsonl --responses 1 --max-total 1800 --batch 64 --seed 11 --out $(HEAD_DATA)/train_extra.jsonl
-	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --train-files train_extra.jsonl --init $(HEADS)/smollm2-135m-instruct-sft --steps 350 --eval-every 175 --learning-rate 1e-3 --tv-weight 0.5 --dpo-steps 100 --run-name run3 --save $(HEADS) --out results/train_heads_stage3.json
+	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --train-files train_extra.jsonl --init $(HEADS)/smollm2-135m-instruct-sft --steps 350 --eval-every 175 --learning-rate 1e-3 --tv-weight 0.5 --dpo-steps 0 --run-name run3 --save $(HEADS) --out results/train_heads_stage3.json
+	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --train-files train_extra.jsonl --init $(HEADS)/smollm2-135m-instruct-sft --steps 250 --eval-every 125 --learning-rate 3e-4 --tv-weight 0.5 --dpo-steps 100 --run-name run4 --save $(HEADS) --out results/train_heads_stage4.json
 
 # the earlier separate-model drafts (v2: a 7-layer truncation with a 16k head, distilled, then DPO), which
 # scripts/bench_speculative.py compares with the heads when they are in the cache (about 90 min on 2 cores)

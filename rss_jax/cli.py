@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--latency-prompts", type=POS_INT, default=None, help="prompts run one at a time for the "
                    "wall-clock (default 4)")
     w.add_argument("--new-tokens", type=POS_INT, default=None, help="new tokens at most (default 128)")
-    w.add_argument("--k", type=POS_INT, default=None, help="draft tokens per block for SD and SSS (default 4)")
+    w.add_argument("--k", type=POS_INT, default=None, help="draft tokens per block for SD and SSS (default 3)")
     w.add_argument("--chunk", type=POS_INT, default=None, help="prompts per call (default 25)")
     w.add_argument("--search-chunk", type=POS_INT, default=None, help="prompts per call of those methods "
                    "(default 4)")

@@ -157,9 +157,13 @@ def findings(summary: dict) -> list[str]:
         for k, e in m.items():
             if k.startswith("spr_"):
                 gap = e["gold_reward_mean"] - b["gold_reward_mean"]
+                within = abs(gap) <= b["gold_reward_se"]
+                batched = _ratio(e.get("wall_s_per_token_batched") or float("nan"),
+                                 b.get("wall_s_per_token_batched") or float("nan"))
                 out.append(f"* {e['label']}: gold {gap:+.3f} against {b['label']} (its s.e. "
-                           f"{b['gold_reward_se']:.3f}) at {_ratio(e['wall_s_per_token'], b['wall_s_per_token']):.2f} "
-                           "of its wall-clock per token.")
+                           f"{b['gold_reward_se']:.3f}: {'within' if within else 'not within'} one s.e.) at "
+                           f"{_ratio(e['wall_s_per_token'], b['wall_s_per_token']):.2f} of its wall-clock per token "
+                           f"at batch 1 and {_fmt(batched, 2)} batched.")
     spec = [e for e in m.values() if e.get("tokens_per_target_call")]
     if spec:
         out.append("* Acceptance per drafted token and tokens per target call: " + "; ".join(

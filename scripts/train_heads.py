@@ -63,6 +63,12 @@ def features(lm, records, taps, temperature, path, width):
     return fs
 
 
+def resumable(a, output: str) -> bool:
+    """--resume continues a stage only where its run folder holds a checkpoint (the other stage may be new)."""
+    from training import checkpoint as ckpt
+    return bool(a.resume) and ckpt.latest_checkpoint(output) is not None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -90,6 +96,9 @@ def main():
                     "each keeps its own feature cache <name>_feat_<taps>.npz")
     ap.add_argument("--run-name", default="run1", help="runs/<name>-sft and runs/<name>-dpo under --data hold the "
                     "metrics and checkpoints")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue each stage (SFT, DPO) whose runs/<name>-<stage> folder holds a checkpoint from its "
+                    "latest one, with the same flags; a stage without one starts fresh")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "train_heads.json"))
     a = ap.parse_args()
     t_start = time.time()
@@ -139,6 +148,7 @@ def main():
                                  warmup=min(50, a.steps // 10), ttt_steps=a.ttt_steps, temperature=a.temperature,
                                  tv_weight=a.tv_weight, eval_every=a.eval_every,
                                  output=os.path.join(a.data, "runs", f"{a.run_name}-sft"))
+        cfg.resume = resumable(a, cfg.output)
         t0 = time.time()
         sft, log = th.train_head(lm, head, fs, cfg, eval_set=ev)
         report["sft_train_s"] = time.time() - t0
@@ -170,6 +180,7 @@ def main():
                                  warmup=min(20, a.dpo_steps // 10), ttt_steps=a.ttt_steps,
                                  temperature=a.temperature, beta=a.dpo_beta, consistency=a.consistency,
                                  output=os.path.join(a.data, "runs", f"{a.run_name}-dpo"))
+        cfg.resume = resumable(a, cfg.output)
         t0 = time.time()
         aligned, log = th.train_head(lm, sft, fs, cfg, mode="dpo", reference=sft, pairs=pairs)
         report["dpo_train_s"] = time.time() - t0

@@ -129,6 +129,35 @@ def test_killed_run_resumes_with_the_same_numbers(first_run, tiny):
         assert [x["text"] for x in r["examples"]] == [x["text"] for x in e["examples"]], name
 
 
+def test_re_made_heads_rerun_only_the_methods_that_use_them(first_run, tiny, tmp_path, monkeypatch):
+    """A head re-made under the same name changes no setting; its fingerprint in the artifacts makes exactly the
+    chunks that draft with the heads (SD, SSS, EFT, TreeBoN; scored and batch-1) run again, and nothing else."""
+    import shutil
+    s, root, _ = first_run
+    src, work = root / "work", tmp_path / "work"
+    shutil.copytree(src, work)
+    lm, sft, aligned = tiny
+    other = rheads.from_flat(aligned.config, flatten(nnx.to_pure_dict(nnx.state(init_head(aligned.config, 7)))),
+                             source="tiny-head-7")
+    assert w2s.weights_fingerprint(sft, other) != w2s.weights_fingerprint(sft, aligned)
+    ran = []
+
+    def replay(ctx, method, prompts, offset, index, timing=False):
+        ran.append((method, offset, timing))
+        with open(w2s._art_path(str(src), s, "latency" if timing else "quality", method, offset)) as f:
+            return json.load(f)
+    monkeypatch.setattr(w2s, "run_chunk", replay)
+    w2s.run(s, str(work), str(tmp_path / "s.json"), None, tiny_model=(lm, sft, other), command="pytest")
+    heads_methods = {"sd_sft", "sd", "sss_exact", "sss_paper", "sss_authors_code", "eft", "treebon"}
+    assert {m for m, _, _ in ran} == heads_methods
+    assert len(ran) == len(set(ran))  # each chunk once
+    assert {t for m, _, t in ran if m == "sss_exact"} == {False, True}  # the scored and the batch-1 runs
+    # the artifacts now carry the new fingerprint: a second run with the same heads runs nothing
+    ran.clear()
+    w2s.run(s, str(work), str(tmp_path / "s2.json"), None, tiny_model=(lm, sft, other), command="pytest")
+    assert ran == []
+
+
 def test_report_has_table_plots_and_examples(first_run):
     s, root, summary = first_run
     md = (root / "docs" / "RESULTS.md").read_text()
