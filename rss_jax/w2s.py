@@ -409,7 +409,10 @@ def weights_fingerprint(*models) -> str:
     import jax
     h = hashlib.sha256()
     for m in models:
-        ids = getattr(getattr(m, "config", None), "token_ids", None)
+        cfg = getattr(m, "config", None)
+        ids = getattr(cfg, "token_ids", None)  # a feature head's draft vocabulary
+        if ids is None:
+            ids = getattr(cfg, "head_token_ids", None)  # a trimmed-head LM's
         h.update(repr(None if ids is None else list(ids)).encode())
         for leaf in jax.tree.leaves(m.state):
             a = np.asarray(leaf)
@@ -430,11 +433,10 @@ def _uses(method: str, prints: dict) -> str | None:
 
 
 def _finished(path: str, weights: str | None) -> bool:
-    """A finished artifact at `path`, made with the drafts of fingerprint `weights` (when the method uses any)."""
+    """A finished artifact at `path`, made with the drafts of fingerprint `weights`; None: with no drafts (a GSI chunk
+    made with the v2 draft as its small model is not reused once the small model is the target)."""
     if not os.path.exists(path):
         return False
-    if weights is None:
-        return True
     with open(path) as f:
         return json.load(f).get("weights") == weights
 

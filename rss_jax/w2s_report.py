@@ -163,7 +163,7 @@ def findings(summary: dict) -> list[str]:
                 out.append(f"* {e['label']}: gold {gap:+.3f} against {b['label']} (its s.e. "
                            f"{b['gold_reward_se']:.3f}: {'within' if within else 'not within'} one s.e.) at "
                            f"{_ratio(e['wall_s_per_token'], b['wall_s_per_token']):.2f} of its wall-clock per token "
-                           f"at batch 1 and {_fmt(batched, 2)} batched.")
+                           "at batch 1" + ("." if batched != batched else f" and {batched:.2f} batched."))
     spec = [e for e in m.values() if e.get("tokens_per_target_call")]
     if spec:
         out.append("* Acceptance per drafted token and tokens per target call: " + "; ".join(

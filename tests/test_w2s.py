@@ -158,6 +158,18 @@ def test_re_made_heads_rerun_only_the_methods_that_use_them(first_run, tiny, tmp
     assert ran == []
 
 
+def test_every_method_that_drafts_names_its_drafts():
+    """Each planned method maps to the weights it drafts with: the heads, the v2 drafts, GSI/RSD's small model, or
+    none (target-only methods); a method added later without a mapping shows up here."""
+    prints = dict(heads="H", v2="V", small="S")
+    uses = {m: w2s._uses(m, prints) for _, m, _, _ in w2s.plan(w2s.Settings(), with_v2=True)}
+    drafting = {"sd_sft", "sd", "sss_exact", "sss_paper", "sss_authors_code", "eft", "treebon"}
+    assert {m for m, u in uses.items() if u == "H"} == drafting
+    assert {m for m, u in uses.items() if u == "V"} == {m + "_v2" for m in w2s.SPECULATIVE}
+    assert {m for m, u in uses.items() if u == "S"} == {"gsi", "rsd"}
+    assert {m for m, u in uses.items() if u is None} >= {"vanilla", "bon_pool", "args", "cards", "rs"}
+
+
 def test_report_has_table_plots_and_examples(first_run):
     s, root, summary = first_run
     md = (root / "docs" / "RESULTS.md").read_text()
