@@ -58,7 +58,8 @@ drafts-v2: $(STAMP)
 	$(PY) scripts/align_draft.py --sft $(DRAFTS)/smollm2-135m-instruct-distilled --save $(DRAFTS)/smollm2-135m-instruct-aligned --learning-rate 5e-5 --steps 120
 
 # the weak-to-strong evaluation (docs/RESULTS.md, docs/results/weak_to_strong.json): every method on 100 held-out
-# prompts of the built-in model; about 90 minutes on two cores, resumable (finished chunks under runs/w2s are kept)
+# prompts of the built-in model; about 70 minutes on a 2-core AMD EPYC (90 on an Intel Xeon), resumable (finished
+# chunks under runs/w2s are kept)
 W2S := $(VENV)/.installed-w2s
 $(W2S): $(BASE)
 	$(PY) -m pip install --quiet -e ".[w2s]"
