@@ -88,8 +88,12 @@ def test_shipped_heads(smollm):
     a, _, cache = hm(feat[:, :half], toks[:, 1:half + 1], emb, rows, cache=cache, lengths=jnp.zeros((1,), jnp.int32))
     b, _, _ = hm(feat[:, half:-1], toks[:, half + 1:], emb, rows, cache=cache, lengths=jnp.full((1,), half, jnp.int32))
     np.testing.assert_allclose(np.concatenate([a, b], 1), np.asarray(full), atol=2e-3)
-    out = rj.generate(smollm, ["Describe a lighthouse at dawn."], method="sd", draft=sft, k=3, max_new_tokens=48,
-                      temperature=0.8, eos=[], seed=0)
+    # acceptance over four prompts (one 48-token answer is ~25 blocks: too few for a stable rate); the shipped head's
+    # held-out per-token acceptance is about 0.48, an untrained head's about 0.005
+    prompts = ["Describe a lighthouse at dawn.", "Give me tips for a picnic in the park.",
+               "Write a short note to a friend about a concert.", "What should I pack for a weekend hike?"]
+    out = rj.generate(smollm, prompts, method="sd", draft=sft, k=3, max_new_tokens=48, temperature=0.8, eos=[],
+                      seed=0)
     print(f"shipped SFT head: alpha_hat {out.stats['alpha_hat']:.3f}, by offset {out.stats['acceptance_by_offset']}")
     assert out.stats["alpha_hat"] > 0.3
 

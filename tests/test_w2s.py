@@ -187,7 +187,7 @@ def test_settings_key_changes_only_with_what_a_method_reads():
     s = w2s.Settings()
     assert s.key("vanilla") == dataclasses.replace(s, n_max=32, eval_prompts=300).key("vanilla")
     assert s.key("bon_pool") != dataclasses.replace(s, n_max=32).key("bon_pool")
-    assert s.key("sss_exact") != dataclasses.replace(s, k=3).key("sss_exact")
+    assert s.key("sss_exact") != dataclasses.replace(s, k=s.k + 1).key("sss_exact")
     assert s.key("vanilla") != dataclasses.replace(s, temperature=1.0).key("vanilla")
 
 
