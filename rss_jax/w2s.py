@@ -372,15 +372,15 @@ def run(s: Settings, work: str, out_json: str, results_md: str | None = None, me
     prints = dict(heads=weights_fingerprint(sft, aligned),
                   v2=weights_fingerprint(*v2_models) if v2_models else None,
                   small=None if ctx["small"] is lm else weights_fingerprint(ctx["small"]))
-    done_before = sum(_finished(_art_path(work, s, *j[:3]), _uses(j[1], prints)) for j in jobs)
+    finished = [_finished(_art_path(work, s, *j[:3]), _uses(j[1], prints)) for j in jobs]  # each artifact read once
     bar = _progress(len(jobs), "w2s")
     if bar is not None:
-        bar.update(done_before)
-    for phase, m, off, size in jobs:
+        bar.update(sum(finished))
+    for (phase, m, off, size), done in zip(jobs, finished):
+        if done:
+            continue
         path = _art_path(work, s, phase, m, off)
         weights = _uses(m, prints)
-        if _finished(path, weights):
-            continue
         if bar is not None:
             bar.set_postfix_str(f"{m} @ {off}" + (" (batch 1)" if phase == "latency" else ""))
         if phase == "latency":
