@@ -1,0 +1,87 @@
+"""Does a wider draft vocabulary help a trained feature-draft head? A head owns no vocabulary weights: its hidden
+state is scored against the target's output rows W[D]. So the same trained head can be scored over a larger D with
+no retraining, and its closed-form per-offset acceptance measured on the held-out samples, as train_heads.py does.
+
+D grows by the most frequent tokens of the training responses (--train-files) that are not in it yet; the last
+size may be the full vocabulary (--full).
+
+    .venv/bin/python scripts/head_vocab.py --sizes 8192 12288 16384 --out results/head_vocab.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--head", default="smollm2-135m-instruct-head-sft")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--data", default=os.path.join(os.environ.get("RSS_JAX_CACHE", os.path.expanduser(
+        "~/.cache/rss_jax")), "head_data"), help="the folder of scripts/train_heads.py's samples and feature caches")
+    p.add_argument("--train-files", nargs="+", default=["train_extra.jsonl"],
+                   help="sample files (in --data) whose response tokens rank the added vocabulary")
+    p.add_argument("--sizes", nargs="+", type=int, default=[8192, 12288, 16384])
+    p.add_argument("--full", action="store_true", help="also score over the whole vocabulary")
+    p.add_argument("--steps", type=int, default=3, help="drafting offsets to measure")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "head_vocab.json"))
+    a = p.parse_args()
+
+    from flax import nnx
+
+    import rss_jax
+    from rss_jax.heads import flatten, from_flat
+    from rss_jax.report import write_json
+    from training import heads as th
+    from training.draft import frequent_token_ids
+
+    lm = rss_jax.load(a.model)
+    head = rss_jax.load(a.head)
+    taps = "-".join(map(str, head.config.taps))
+    eval_cache = os.path.join(a.data, f"eval_feat_{taps}.npz")
+    if not os.path.exists(eval_cache):
+        raise SystemExit(f"{eval_cache} is missing: run scripts/train_heads.py once (it caches the held-out "
+                         f"samples' features for taps {taps}), or point --data at its folder")
+    ev = th.FeatureSet.load(eval_cache)
+    responses = []
+    for name in a.train_files:
+        with open(os.path.join(a.data, name)) as f:
+            responses += [json.loads(line)["response_ids"] for line in f if line.strip()]
+    base = list(head.config.token_ids)
+    flat = {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(head.state)).items()}
+    sizes = sorted(set(a.sizes)) + ([lm.config.vocab_size] if a.full else [])
+    rows = []
+    print(f"{a.head}: trained with |D| = {len(base)}; {len(ev)} held-out samples")
+    print(f"{'asked':>7s} {'|D|':>7s} {'coverage':>8s} " + " ".join(f"{'a_' + str(i + 1):>7s}" for i in range(a.steps)))
+    held = np.concatenate([ev.tokens[i, ev.prompt_lens[i]: ev.lengths[i]] for i in range(len(ev))])
+    for size in sizes:
+        if size >= lm.config.vocab_size:
+            ids = list(range(lm.config.vocab_size))
+        else:
+            ids = sorted(set(frequent_token_ids(responses, max(size, len(base)), always=base)))
+        cfg = dataclasses.replace(head.config, token_ids=tuple(ids))
+        wide = from_flat(cfg, flat)
+        t0 = time.perf_counter()
+        alpha = th.evaluate_acceptance(lm, wide, ev, steps=a.steps, temperature=a.temperature)
+        cover = float(np.isin(held, ids).mean())
+        rows.append(dict(asked=size, vocab=len(ids), eval_token_coverage=cover, alpha=alpha,
+                         seconds=time.perf_counter() - t0))
+        print(f"{size:7d} {len(ids):7d} {cover:8.3f} " + " ".join(f"{x:7.4f}" for x in alpha), flush=True)
+    write_json(a.out, dict(head=a.head, trained_vocab=len(base), train_files=a.train_files, rows=rows,
+                           command="python scripts/head_vocab.py " + " ".join(sys.argv[1:])))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
