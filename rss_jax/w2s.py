@@ -51,8 +51,9 @@ class Settings:
     n_max: int = 64
     bon_ns: tuple = (4, 16)
     soft_beta: float = 20.0
-    # (n_init, stops, alpha); the second from scripts/spr_schedules.py's frontier on other prompts (results/)
-    spr: tuple = ((64, (16,), 0.75), (64, (12,), 0.875))
+    # (n_init, stops, alpha); the second is scripts/spr_schedules.py's best schedule at a quarter of BoN(64)'s
+    # batched cost on 24 training prompts at these sampling settings (results/spr_schedules_w2s.json)
+    spr: tuple = ((64, (16,), 0.75), (64, (8, 24, 48), 0.5))
     treebon: tuple = (16, 4, 4)  # n, children, layers
     gsi_n: int = 16
     rsd_delta: float = 0.7

@@ -142,6 +142,15 @@ def replay(pool, scores, sizes, ends, cost=None):
     return res
 
 
+def per_prompt(pool, scores, sizes, ends):
+    """steps and row-steps of each prompt run alone (batch 1: its loop exits when its own rows are done)."""
+    out = []
+    for b in range(pool.shape[0]):
+        r = replay(pool[b: b + 1], {s: v[b: b + 1] for s, v in scores.items()}, sizes, ends)
+        out.append(dict(steps=r["steps"], row_steps=r["row_steps"]))
+    return out
+
+
 def bon(pool, scores, n, cost=None):
     """BoN(n) from the first n rows (one round to max_new_tokens)."""
     return replay(pool, scores, [n], [pool.shape[2]], cost)
@@ -152,6 +161,9 @@ def main():
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--prompt-set", default="open", help="a key of bench_search.py's PROMPT_SETS")
     p.add_argument("--prompts", type=int, default=4, help="how many prompts of the set")
+    p.add_argument("--prompts-file", default=None, help="a JSONL file of {\"prompt\": ...} lines (e.g. "
+                   "data/prompts_train.jsonl) instead of --prompt-set; its first --prompts lines are used")
+    p.add_argument("--top-k", type=int, default=None, help="top-k filter on the target (the w2s runs use 40)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--n-pop", type=int, default=128, help="population rows per prompt (largest n_init and BoN n)")
     p.add_argument("--chunk", type=int, default=32, help="rows per prompt generated at a time")
@@ -165,6 +177,8 @@ def main():
     p.add_argument("--calibrate", action="store_true", help="fit the per-step cost model on this machine")
     p.add_argument("--cost", default=None, help="c0,c1,reward_s_per_row[,prefill_s] (seconds) instead of "
                    "--calibrate")
+    p.add_argument("--cost-b1", default="1,0.07", help="c0,c1: one prompt per call, a decode step costs c0 + c1 * "
+                   "rows (the w2s run on a 2-core AMD EPYC: BoN(16) 2.2x and BoN(64) 5.4x plain decoding per token)")
     p.add_argument("--verify", default=None, help="n_init:stops:alpha of one real SpR run to compare, e.g. "
                    "128:4,16:0.75")
     p.add_argument("--top", type=int, default=25, help="rows of the printed table")
@@ -179,10 +193,18 @@ def main():
 
     lm = rj.load(a.model)
     reward = rj.rewards.vader_reward(lm.tokenizer)
-    prompts = PROMPT_SETS[a.prompt_set][: a.prompts]
+    if a.prompts_file:
+        from rss_jax.w2s import load_prompts
+        prompts = load_prompts(a.prompts, a.prompts_file)
+        set_name = os.path.splitext(os.path.basename(a.prompts_file))[0]
+    else:
+        prompts = PROMPT_SETS[a.prompt_set][: a.prompts]
+        set_name = a.prompt_set
     prompt_ids = common.encode_prompts(lm, prompts, True)
-    cfg = sampler_config(lm, a.max_new_tokens, a.temperature)
-    cache = os.path.splitext(a.out)[0] + f"_pop_{a.prompt_set}{a.prompts}_s{a.seed}_n{a.n_pop}_t{a.max_new_tokens}.npz"
+    cfg = sampler_config(lm, a.max_new_tokens, a.temperature, a.top_k)
+    filt = f"_T{a.temperature:g}" + (f"_k{a.top_k}" if a.top_k else "") if a.prompts_file else ""
+    cache = (os.path.splitext(a.out)[0] + f"_pop_{set_name}{a.prompts}_s{a.seed}_n{a.n_pop}_t{a.max_new_tokens}"
+             f"{filt}.npz")
     if os.path.exists(cache):
         pool = np.load(cache)["pool"]
         print(f"population from {cache}")
@@ -225,29 +247,43 @@ def main():
     ns = [1 << k for k in range(a.n_pop.bit_length()) if (1 << k) <= a.n_pop]
     for n in ns:
         r = bon(pool, scores, n, cost)
+        r["per_prompt"] = per_prompt(pool, scores, [n], [pool.shape[2]])
         rows.append(dict(method="bon", n=n, alpha=None, stops=None, schedule=[n], reward=float(np.mean(r["score"])),
                          improvement=improvement_score(r["score"], ref_scores), **r))
     for n0, stops, alpha in itertools.product(n_inits, set_stops, alphas):
         sizes, ends = schedule(n0, alpha, a.max_new_tokens, stops=stops)
         r = replay(pool, scores, sizes, ends, cost)
+        r["per_prompt"] = per_prompt(pool, scores, sizes, ends)
         rows.append(dict(method="spr", n=n0, alpha=alpha, stops=stops, schedule=sizes, ends=ends,
                          reward=float(np.mean(r["score"])), improvement=improvement_score(r["score"], ref_scores), **r))
     key = "est_s" if cost else "row_steps"
     bref = next(r for r in rows if r["method"] == "bon" and r["n"] == a.bon_ref)
+    bref_se = float(np.std(bref["score"], ddof=1) / np.sqrt(len(prompts))) if len(prompts) > 1 else 0.0
+    b1c0, b1c1 = (float(x) for x in a.cost_b1.split(","))
     for r in rows:
         r["speedup"] = bref[key] / r[key]
         r["reaches_ref"] = r["reward"] >= bref["reward"]
-    spr = sorted((r for r in rows if r["method"] == "spr"), key=lambda r: (-r["reaches_ref"], -r["speedup"]))
+        r["within_se"] = r["reward"] >= bref["reward"] - bref_se
+        # one prompt per call (batch 1): each prompt's own loop, steps cost b1c0 + b1c1 * rows
+        r["b1_cost"] = float(sum(b1c0 * q["steps"] + b1c1 * q["row_steps"] for q in r["per_prompt"]))
+    for r in rows:
+        r["b1_speedup"] = bref["b1_cost"] / r["b1_cost"]
+    print(f"BoN({a.bon_ref}) reward {bref['reward']:.4f} +- {bref_se:.4f} (s.e. over prompts)")
+    spr = sorted((r for r in rows if r["method"] == "spr"),
+                 key=lambda r: (-r["within_se"], -min(r["speedup"], r["b1_speedup"])))
     hdr = (f"{'method':6s} {'n':>4s} {'alpha':>6s} {'stops':>11s} {'schedule':>16s} {'reward':>7s} {'improv':>6s} "
-           f"{'tokens':>7s} {'steps':>5s} {'row-steps':>9s} {'est_s' if cost else '':>7s} {'speedup':>7s}")
-    print(f"\nBoN(n) read from the population, and SpR schedules (sorted: reaching BoN({a.bon_ref}) first, then by "
-          f"estimated speedup over BoN({a.bon_ref}))\n" + hdr)
+           f"{'tokens':>7s} {'steps':>5s} {'row-steps':>9s} {'est_s' if cost else '':>7s} {'speedup':>7s} {'b1':>6s} "
+           f"{'in s.e.':>7s}")
+    print(f"\nBoN(n) read from the population, and SpR schedules (sorted: within one s.e. of BoN({a.bon_ref}) first, "
+          f"then by the smaller of the two estimated speedups over it: batched, column speedup, and one prompt per "
+          f"call, column b1)\n" + hdr)
     for r in [r for r in rows if r["method"] == "bon"] + spr[: a.top]:
         st = "" if r["stops"] is None else ",".join(map(str, r["stops"]))
         sc = "/".join(map(str, r["schedule"]))
         print(f"{r['method']:6s} {r['n']:4d} {'' if r['alpha'] is None else r['alpha']:>6} {st:>11s} {sc:>16s} "
               f"{r['reward']:+7.3f} {r['improvement']:6.1f} {r['generated_tokens']:7d} {r['steps']:5d} "
-              f"{r['row_steps']:9d} {r.get('est_s', float('nan')):7.1f} {r['speedup']:6.2f}x")
+              f"{r['row_steps']:9d} {r.get('est_s', float('nan')):7.1f} {r['speedup']:6.2f}x {r['b1_speedup']:5.2f}x "
+              f"{'yes' if r['within_se'] else 'no':>7s}")
     # the Pareto frontier: every schedule that beats the reward of all faster ones
     front, best = [], -np.inf
     for r in sorted(rows, key=lambda r: -r["speedup"]):
@@ -259,7 +295,8 @@ def main():
         st = "" if r["stops"] is None else ",".join(map(str, r["stops"]))
         print(f"  {r['method']:4s} n={r['n']:4d} alpha={'' if r['alpha'] is None else r['alpha']:<6} stops={st:<10s} "
               f"schedule={'/'.join(map(str, r['schedule'])):<12s} reward {r['reward']:.4f} "
-              f"({' '.join(f'{x:.3f}' for x in r['score'])})  speedup {r['speedup']:.2f}x")
+              + (f"({' '.join(f'{x:.3f}' for x in r['score'])})" if len(prompts) <= 8 else "")
+              + f"  speedup {r['speedup']:.2f}x, b1 {r['b1_speedup']:.2f}x")
     # single-cut bound: at a decision point, how many rows must be kept (the same count for every prompt) for some
     # row as good as BoN(bon_ref)'s answer to survive, and what that costs in decode row-steps
     target = scores[a.max_new_tokens][:, : a.bon_ref].max(axis=1)
@@ -278,7 +315,7 @@ def main():
                              vs_bon_ref=a.bon_ref * a.max_new_tokens / rs))
             print(f"  n_init {n0:4d} stop {s:3d}: keep per prompt {ks} -> {k:4d}; {rs:6d} row-steps per prompt, "
                   f"BoN({a.bon_ref}) / {need[-1]['vs_bon_ref']:.2f}")
-    res = dict(args=vars(a), prompts=prompts, cost=cost, rows=rows, single_cut=need,
+    res = dict(args=vars(a), prompts=prompts, cost=cost, rows=rows, single_cut=need, bon_ref_se=bref_se,
                frontier=[dict(method=r["method"], n=r["n"], alpha=r["alpha"], stops=r["stops"], reward=r["reward"],
                               speedup=r["speedup"]) for r in front],
                command="python scripts/spr_schedules.py " + " ".join(sys.argv[1:]))
@@ -286,7 +323,8 @@ def main():
     if verify is not None:
         vn, vs, va = verify
         out = rj.speculative_rejection(lm, prompts, reward, alpha=va, n_init=vn, stops=vs,
-                                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+                                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                       seed=a.seed)
         sizes, ends = schedule(vn, va, a.max_new_tokens, stops=vs)
         r = replay(pool, scores, sizes, ends, cost)
         real_tokens = np.asarray(out.tokens)
