@@ -22,6 +22,7 @@ import tempfile
 
 from rss_jax.cli import (BUILTIN_MODEL, FLOAT, NONNEG_FLOAT, NONNEG_INT, POS_FLOAT, POS_INT, CLIError, build_mesh,
                          int_list, mesh_spec, number)
+from rss_jax.report import public_mode
 
 METHODS = ("ar", "sd", "sss", "eft", "bon", "soft-bon", "spr", "gsi", "rsd", "args", "cards", "rs", "treebon")
 REWARD_METHODS = ("bon", "soft-bon", "spr", "gsi", "rsd", "args", "cards", "rs", "treebon")
@@ -542,6 +543,7 @@ class Output:
                 f.writelines(kept)
                 f.flush()
                 os.fsync(f.fileno())
+            public_mode(tmp)
             os.replace(tmp, self.partial)
         except BaseException:
             if os.path.exists(tmp):

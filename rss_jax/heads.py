@@ -22,6 +22,7 @@ from flax import nnx
 
 from rss_jax.loading.names import CheckpointError, flatten, unflatten
 from rss_jax.loading.orbax_io import MARKER, atomic_folder
+from rss_jax.report import public_mode
 from rss_jax.models.feature_head import HeadConfig, HeadTargetMismatch, abstract_head, init_head, num_params
 
 WEIGHTS = "head.safetensors"
@@ -108,9 +109,8 @@ class FeatureDraft:
         flat = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype))
                 for k, v in to_host(self.params()).items()}
         with atomic_folder(path) as tmp:
-            os.chmod(tmp, 0o755)  # a temporary folder is private; a saved head is readable like any checkpoint
             save_file(flat, os.path.join(tmp, WEIGHTS))
-            os.chmod(os.path.join(tmp, WEIGHTS), 0o644)
+            public_mode(os.path.join(tmp, WEIGHTS))
             with open(os.path.join(tmp, MARKER), "w") as f:
                 json.dump({"format": 1, "kind": KIND, "config": self.config.to_json()}, f, indent=1)
         return path

@@ -31,6 +31,14 @@ def table(rows: list[dict], columns: list[str] | None = None, title: str | None 
     return "\n".join(out)
 
 
+def public_mode(path: str, folder: bool = False) -> None:
+    """Give a temporary file or folder the permissions a plain open() or mkdir() would have given it (0666 or 0777
+    less the umask): tempfile makes them private to the user, and the rename would keep that."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+
+
 def write_json(path: str, data) -> str:
     """Write JSON atomically (temporary file, then rename)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -39,6 +47,7 @@ def write_json(path: str, data) -> str:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+        public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from rss_jax.loading.names import CheckpointError
+from rss_jax.report import public_mode
 from rss_jax.models.config import ModelConfig
 
 MARKER = "rss_jax.json"
@@ -48,6 +49,7 @@ def atomic_folder(path: str):
     else:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+        public_mode(tmp, folder=True)  # mkdtemp's folder is private; the saved one should not be
     try:
         yield tmp
         sharding.barrier("atomic-written " + path)
