@@ -1,9 +1,12 @@
-"""Does a wider draft vocabulary help a trained feature-draft head? A head owns no vocabulary weights: its hidden
-state is scored against the target's output rows W[D]. So the same trained head can be scored over a larger D with
-no retraining, and its closed-form per-offset acceptance measured on the held-out samples, as train_heads.py does.
+"""Closed-form acceptance of a trained feature-draft head on chosen sample files, and with wider draft vocabularies.
 
-D grows by the most frequent tokens of the training responses (--train-files) that are not in it yet; the last
-size may be the full vocabulary (--full).
+A head owns no vocabulary weights: its hidden state is scored against the target's output rows W[D]. So the same
+trained head can be scored over a larger D with no retraining, and its closed-form per-offset acceptance measured as
+train_heads.py does. D grows by the most frequent tokens of the training responses (--train-files) that are not in
+it yet; the last size may be the full vocabulary (--full). --eval-files names the sample files to measure on (in
+--data; features are computed once and cached beside them, as train_heads.py does): the held-out topics by default,
+or e.g. training responses, or fresh responses to training prompts (scripts/sample_target.py), to tell a gap of
+topics from one of memorised samples.
 
     .venv/bin/python scripts/head_vocab.py --sizes 8192 12288 16384 --out results/head_vocab.json
 """
@@ -31,6 +34,9 @@ def main():
         "~/.cache/rss_jax")), "head_data"), help="the folder of scripts/train_heads.py's samples and feature caches")
     p.add_argument("--train-files", nargs="+", default=["train_extra.jsonl"],
                    help="sample files (in --data) whose response tokens rank the added vocabulary")
+    p.add_argument("--eval-files", nargs="+", default=["eval.jsonl"],
+                   help="sample files (in --data) to measure on; FILE:N uses its first N responses")
+    p.add_argument("--width", type=int, default=176, help="feature-cache width (train_heads.py's --width)")
     p.add_argument("--sizes", nargs="+", type=int, default=[8192, 12288, 16384])
     p.add_argument("--full", action="store_true", help="also score over the whole vocabulary")
     p.add_argument("--steps", type=int, default=3, help="drafting offsets to measure")
@@ -48,12 +54,20 @@ def main():
 
     lm = rss_jax.load(a.model)
     head = rss_jax.load(a.head)
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from train_heads import features, read_records
     taps = "-".join(map(str, head.config.taps))
-    eval_cache = os.path.join(a.data, f"eval_feat_{taps}.npz")
-    if not os.path.exists(eval_cache):
-        raise SystemExit(f"{eval_cache} is missing: run scripts/train_heads.py once (it caches the held-out "
-                         f"samples' features for taps {taps}), or point --data at its folder")
-    ev = th.FeatureSet.load(eval_cache)
+    sets = {}
+    for spec in a.eval_files:
+        name, _, n = spec.partition(":")
+        path = os.path.join(a.data, name)
+        if not os.path.exists(path):
+            raise SystemExit(f"head_vocab.py: error: no sample file {path}; make it with scripts/sample_target.py "
+                             "(see `make drafts`)")
+        recs = read_records(path)[: int(n) if n else None]
+        stem = os.path.splitext(name)[0]
+        sets[spec] = features(lm, recs, head.config.taps, a.temperature,
+                              os.path.join(a.data, f"{stem}_feat_{taps}.npz"), a.width)
     responses = []
     for name in a.train_files:
         with open(os.path.join(a.data, name)) as f:
@@ -62,22 +76,25 @@ def main():
     flat = {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(head.state)).items()}
     sizes = sorted(set(a.sizes)) + ([lm.config.vocab_size] if a.full else [])
     rows = []
-    print(f"{a.head}: trained with |D| = {len(base)}; {len(ev)} held-out samples")
-    print(f"{'asked':>7s} {'|D|':>7s} {'coverage':>8s} " + " ".join(f"{'a_' + str(i + 1):>7s}" for i in range(a.steps)))
-    held = np.concatenate([ev.tokens[i, ev.prompt_lens[i]: ev.lengths[i]] for i in range(len(ev))])
-    for size in sizes:
-        if size >= lm.config.vocab_size:
-            ids = list(range(lm.config.vocab_size))
-        else:
-            ids = sorted(set(frequent_token_ids(responses, max(size, len(base)), always=base)))
-        cfg = dataclasses.replace(head.config, token_ids=tuple(ids))
-        wide = from_flat(cfg, flat)
-        t0 = time.perf_counter()
-        alpha = th.evaluate_acceptance(lm, wide, ev, steps=a.steps, temperature=a.temperature)
-        cover = float(np.isin(held, ids).mean())
-        rows.append(dict(asked=size, vocab=len(ids), eval_token_coverage=cover, alpha=alpha,
-                         seconds=time.perf_counter() - t0))
-        print(f"{size:7d} {len(ids):7d} {cover:8.3f} " + " ".join(f"{x:7.4f}" for x in alpha), flush=True)
+    print(f"{a.head}: trained with |D| = {len(base)}")
+    print(f"{'samples':>22s} {'n':>4s} {'asked':>7s} {'|D|':>7s} {'coverage':>8s} "
+          + " ".join(f"{'a_' + str(i + 1):>7s}" for i in range(a.steps)))
+    for spec, ev in sets.items():
+        held = np.concatenate([ev.tokens[i, ev.prompt_lens[i]: ev.lengths[i]] for i in range(len(ev))])
+        for size in sizes:
+            if size >= lm.config.vocab_size:
+                ids = list(range(lm.config.vocab_size))
+            else:
+                ids = sorted(set(frequent_token_ids(responses, max(size, len(base)), always=base)))
+            cfg = dataclasses.replace(head.config, token_ids=tuple(ids))
+            wide = from_flat(cfg, flat)
+            t0 = time.perf_counter()
+            alpha = th.evaluate_acceptance(lm, wide, ev, steps=a.steps, temperature=a.temperature)
+            cover = float(np.isin(held, ids).mean())
+            rows.append(dict(samples=spec, responses=len(ev), asked=size, vocab=len(ids), eval_token_coverage=cover,
+                             alpha=alpha, seconds=time.perf_counter() - t0))
+            print(f"{spec:>22s} {len(ev):4d} {size:7d} {len(ids):7d} {cover:8.3f} "
+                  + " ".join(f"{x:7.4f}" for x in alpha), flush=True)
     write_json(a.out, dict(head=a.head, trained_vocab=len(base), train_files=a.train_files, rows=rows,
                            command="python scripts/head_vocab.py " + " ".join(sys.argv[1:])))
     print(f"wrote {a.out}")
