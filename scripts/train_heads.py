@@ -83,6 +83,8 @@ def main():
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--ttt-steps", type=int, default=3)
     ap.add_argument("--tv-weight", type=float, default=0.0)
+    ap.add_argument("--feature-noise", type=float, default=0.0, help="SFT: uniform noise on the tapped features, "
+                    "this fraction of each tap vector's RMS (EAGLE's augmentation; 0: none)")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--init", default=None, help="start the SFT head from this head folder")
     ap.add_argument("--skip-sft", action="store_true", help="use --init as the SFT head as it is")
@@ -146,7 +148,7 @@ def main():
         print("alpha before", report["alpha_before"], flush=True)
         cfg = th.HeadTrainConfig(steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate,
                                  warmup=min(50, a.steps // 10), ttt_steps=a.ttt_steps, temperature=a.temperature,
-                                 tv_weight=a.tv_weight, eval_every=a.eval_every,
+                                 tv_weight=a.tv_weight, feature_noise=a.feature_noise, eval_every=a.eval_every,
                                  output=os.path.join(a.data, "runs", f"{a.run_name}-sft"))
         cfg.resume = resumable(a, cfg.output)
         t0 = time.time()

@@ -172,11 +172,22 @@ def test_distill_then_dpo(tiny, records, tmp_path):
         np.testing.assert_array_equal(np.asarray(v), np.asarray(again.params()[k]))
 
 
-def test_resume_is_bit_exact(tiny, records, tmp_path):
+def test_feature_noise_is_relative_to_each_tap():
+    taps = np.stack([np.full((2, 3, 64), 0.01), np.full((2, 3, 64), 50.0)], axis=2).astype(np.float32)  # [B,S,n,E]
+    noisy = np.asarray(th.noisy_taps(jnp.asarray(taps), jax.random.key(0), 0.2))
+    rel = (noisy - taps) / np.abs(taps)  # rms of a constant vector = its value
+    assert np.all(np.abs(rel) <= 0.2 + 1e-6)
+    np.testing.assert_allclose(rel.std(), 0.2 / np.sqrt(3), rtol=0.1)  # U(-0.2, 0.2): s.d. 0.115; 768 draws
+    assert abs(rel.mean()) < 0.02
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.2])
+def test_resume_is_bit_exact(tiny, records, tmp_path, noise):
     taps = (1, 2)
     fs = th.extract_features(tiny, records[:24], taps, 0.8, width=32, batch_size=8, progress=False)
     head = rj.heads.new_head(tiny, taps=taps, token_ids=list(range(V)), seed=2)
-    base = dict(steps=8, batch_size=8, learning_rate=1e-3, warmup=2, ttt_steps=2, progress=False, log_every=1)
+    base = dict(steps=8, batch_size=8, learning_rate=1e-3, warmup=2, ttt_steps=2, progress=False, log_every=1,
+                feature_noise=noise)
     full, _ = th.train_head(tiny, head, fs, th.HeadTrainConfig(**base, output=str(tmp_path / "a")))
     th.train_head(tiny, head, fs, th.HeadTrainConfig(**base, output=str(tmp_path / "b"), stop_after=5))
     resumed, _ = th.train_head(tiny, head, fs, th.HeadTrainConfig(**base, output=str(tmp_path / "b"), resume=True))
@@ -185,3 +196,6 @@ def test_resume_is_bit_exact(tiny, records, tmp_path):
     a = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
     b = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    if noise:  # the noise reaches the loss: the same run without it ends elsewhere
+        clean, _ = th.train_head(tiny, head, fs, th.HeadTrainConfig(**dict(base, feature_noise=0.0)))
+        assert any(not np.array_equal(np.asarray(v), np.asarray(clean.params()[k])) for k, v in full.params().items())

@@ -235,13 +235,25 @@ class HeadTrainSpec:
     mode: str = "distill"     # "distill" | "dpo"
     beta: float = 0.1
     consistency: float = 1.0  # dpo: weight of KL(sg(q_1) || q_j), j >= 2
+    feature_noise: float = 0.0  # distill: uniform noise on the taps, this fraction of each tap vector's RMS
+
+
+def noisy_taps(taps, key, scale: float):
+    """taps + scale * rms(tap) * U(-1, 1), per element (EAGLE's feature augmentation, made relative because the
+    tapped residual streams differ in size from layer to layer): [B, S, n, E] float32."""
+    taps = taps.astype(jnp.float32)
+    rms = jnp.sqrt(jnp.mean(jnp.square(taps), axis=-1, keepdims=True))
+    return taps + scale * rms * jax.random.uniform(key, taps.shape, jnp.float32, -1.0, 1.0)
 
 
 def _distill_loss(spec: HeadTrainSpec, params, batch, embed_table, out_rows):
     head = nnx.merge(spec.graphdef, params)
     masks = step_masks(batch["lengths"], batch["prompt_lens"], batch["tokens"].shape[1], spec.steps)
     p = teacher_probs(batch["final"], batch["lse"], out_rows, spec.temperature)
-    logits = ttt_logits(head, batch["taps"], batch["tokens"], embed_table, out_rows, spec.steps)
+    taps = batch["taps"]
+    if spec.feature_noise > 0 and "noise_key" in batch:
+        taps = noisy_taps(taps, batch["noise_key"], spec.feature_noise)
+    logits = ttt_logits(head, taps, batch["tokens"], embed_table, out_rows, spec.steps)
     total, metrics = 0.0, {}
     wsum = sum(spec.step_decay ** i for i in range(spec.steps))
     xlogx = jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0), axis=-1)
@@ -315,6 +327,7 @@ class HeadTrainConfig:
     tv_weight: float = 0.0
     beta: float = 0.1
     consistency: float = 1.0
+    feature_noise: float = 0.0  # distill: uniform noise on the taps, this fraction of each tap's RMS (0: none)
     eval_every: int = 0
     output: str | None = None     # metrics.jsonl and checkpoints go here
     save_every: int = 0
@@ -403,7 +416,9 @@ def train_head(target, head: FeatureDraft, fs: FeatureSet, cfg: HeadTrainConfig,
     embed, rows = target_tables(target, head)
     spec = HeadTrainSpec(graphdef=head.graphdef, steps=cfg.ttt_steps, step_decay=cfg.step_decay,
                          temperature=cfg.temperature, tv_weight=cfg.tv_weight, mode=mode, beta=cfg.beta,
-                         consistency=cfg.consistency)
+                         consistency=cfg.consistency, feature_noise=cfg.feature_noise if mode == "distill" else 0.0)
+    if cfg.feature_noise < 0:
+        raise ValueError(f"feature_noise must be >= 0 (a fraction of each tap's RMS), got {cfg.feature_noise}")
     opt = _optimizer(cfg)
     params = jax.tree.map(jnp.asarray, head.state)
     opt_state = opt.init(params)
@@ -428,6 +443,9 @@ def train_head(target, head: FeatureDraft, fs: FeatureSet, cfg: HeadTrainConfig,
     fingerprint = {"mode": mode, "n_items": int(n_items), "steps": cfg.steps, "batch_size": cfg.batch_size,
                    "learning_rate": cfg.learning_rate, "seed": cfg.seed, "ttt_steps": cfg.ttt_steps,
                    "head": head.config.to_json()["taps"], "vocab": len(head.config.token_ids)}
+    if spec.feature_noise:  # (absent when 0, so runs from before the option still resume)
+        fingerprint["feature_noise"] = spec.feature_noise
+    noise_base = jax.random.fold_in(jax.random.key(cfg.seed), 0x6E6F)  # noise of step s: fold_in(noise_base, s)
     if cfg.output:
         os.makedirs(cfg.output, exist_ok=True)
         existing = ckpt.latest_checkpoint(cfg.output)
@@ -469,7 +487,10 @@ def train_head(target, head: FeatureDraft, fs: FeatureSet, cfg: HeadTrainConfig,
     for step in range(start, last):
         pick = items(step)
         idx = pairs[pick].reshape(-1) if mode == "dpo" else pick
-        params, opt_state, met = step_fn(params, opt_state, _batch(fs, idx, extra), embed, rows)
+        batch = _batch(fs, idx, extra)
+        if spec.feature_noise:
+            batch["noise_key"] = jax.random.fold_in(noise_base, step)  # a function of (seed, step): resume is exact
+        params, opt_state, met = step_fn(params, opt_state, batch, embed, rows)
         if (step + 1) % cfg.log_every == 0 or step + 1 == last:
             row = {"step": step + 1, "time_s": round(time.time() - t0, 1),
                    **{k: round(float(v), 5) for k, v in met.items()}}
@@ -548,7 +569,8 @@ def run_recipe(args) -> dict:
                           warmup=args.warmup_steps if args.warmup_steps is not None else max(args.steps // 10, 1),
                           seed=args.seed, ttt_steps=args.ttt_steps, temperature=args.temperature,
                           tv_weight=getattr(args, "tv_weight", 0.0), beta=getattr(args, "beta", 0.1),
-                          consistency=getattr(args, "consistency", 1.0), output=output, save_every=args.save_every,
+                          consistency=getattr(args, "consistency", 1.0),
+                          feature_noise=getattr(args, "feature_noise", 0.0), output=output, save_every=args.save_every,
                           resume=args.resume, stop_after=args.stop_after, progress=args.progress,
                           eval_every=getattr(args, "eval_every", 0))
     kind = "dpo" if args.train_mode == "head-dpo" else "sft"
