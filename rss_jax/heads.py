@@ -22,8 +22,8 @@ from flax import nnx
 
 from rss_jax.loading.names import CheckpointError, flatten, unflatten
 from rss_jax.loading.orbax_io import MARKER, atomic_folder
-from rss_jax.report import public_mode
 from rss_jax.models.feature_head import HeadConfig, HeadTargetMismatch, abstract_head, init_head, num_params
+from rss_jax.report import public_mode
 
 WEIGHTS = "head.safetensors"
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "heads")

@@ -315,6 +315,8 @@ def main():
                              vs_bon_ref=a.bon_ref * a.max_new_tokens / rs))
             print(f"  n_init {n0:4d} stop {s:3d}: keep per prompt {ks} -> {k:4d}; {rs:6d} row-steps per prompt, "
                   f"BoN({a.bon_ref}) / {need[-1]['vs_bon_ref']:.2f}")
+    for r in rows:
+        del r["per_prompt"]  # (the batch-1 estimate's inputs; b1_cost keeps their total)
     res = dict(args=vars(a), prompts=prompts, cost=cost, rows=rows, single_cut=need, bon_ref_se=bref_se,
                frontier=[dict(method=r["method"], n=r["n"], alpha=r["alpha"], stops=r["stops"], reward=r["reward"],
                               speedup=r["speedup"]) for r in front],

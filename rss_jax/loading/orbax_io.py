@@ -16,8 +16,8 @@ import jax
 import numpy as np
 
 from rss_jax.loading.names import CheckpointError
-from rss_jax.report import public_mode
 from rss_jax.models.config import ModelConfig
+from rss_jax.report import public_mode
 
 MARKER = "rss_jax.json"
 
