@@ -106,7 +106,8 @@ def markdown(summary: dict, wall_png: str, fw_png: str) -> str:
     lines += findings(summary)
     lines += ["", f"![gold reward against wall-clock]({wall_png})", "",
               f"![gold reward against target forwards]({fw_png})", "", "## Example outputs", ""]
-    show = [k for k in ("vanilla", "bon_16", "sd_sft", "sss_exact", "eft", "args", "treebon") if k in m]
+    show = [k for k in ("vanilla", "bon_16", "sd_sft", "sss_exact", "eft", "args", "treebon", "rsd", "sss_exact_v2")
+            if k in m]
     n_ex = min(len(m[k]["examples"]) for k in show) if show else 0
     for i in range(n_ex):
         lines += [f"**Prompt:** {m[show[0]]['examples'][i]['prompt']}", "", "| method | gold | response |",
