@@ -59,7 +59,7 @@ drafts-v2: $(STAMP)
 
 # the weak-to-strong evaluation (docs/RESULTS.md, docs/results/weak_to_strong.json): every method on 100 held-out
 # prompts of the built-in model; about 70 minutes on a 2-core AMD EPYC (90 on an Intel Xeon), resumable (finished
-# chunks under runs/w2s are kept)
+# chunks under runs/w2s are kept); with the v2 drafts in the cache (make drafts-v2) it adds their rows, 31 min more
 W2S := $(VENV)/.installed-w2s
 $(W2S): $(BASE)
 	$(PY) -m pip install --quiet -e ".[w2s]"
