@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import numpy as np  # noqa: E402
 
@@ -54,7 +54,6 @@ def main():
 
     lm = rss_jax.load(a.model)
     head = rss_jax.load(a.head)
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from train_heads import features, read_records
     taps = "-".join(map(str, head.config.taps))
     sets = {}
@@ -68,28 +67,26 @@ def main():
         stem = os.path.splitext(name)[0]
         sets[spec] = features(lm, recs, head.config.taps, a.temperature,
                               os.path.join(a.data, f"{stem}_feat_{taps}.npz"), a.width)
-    responses = []
-    for name in a.train_files:
-        with open(os.path.join(a.data, name)) as f:
-            responses += [json.loads(line)["response_ids"] for line in f if line.strip()]
+    responses = [r["response_ids"] for name in a.train_files for r in read_records(os.path.join(a.data, name))]
     base = list(head.config.token_ids)
     flat = {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(head.state)).items()}
     sizes = sorted(set(a.sizes)) + ([lm.config.vocab_size] if a.full else [])
+    wide = {}  # size -> (the head scored over that vocabulary, its token ids): the same for every sample file
+    for size in sizes:
+        if size >= lm.config.vocab_size:
+            ids = list(range(lm.config.vocab_size))
+        else:
+            ids = sorted(set(frequent_token_ids(responses, max(size, len(base)), always=base)))
+        wide[size] = (from_flat(dataclasses.replace(head.config, token_ids=tuple(ids)), flat), ids)
     rows = []
     print(f"{a.head}: trained with |D| = {len(base)}")
     print(f"{'samples':>22s} {'n':>4s} {'asked':>7s} {'|D|':>7s} {'coverage':>8s} "
           + " ".join(f"{'a_' + str(i + 1):>7s}" for i in range(a.steps)))
     for spec, ev in sets.items():
         held = np.concatenate([ev.tokens[i, ev.prompt_lens[i]: ev.lengths[i]] for i in range(len(ev))])
-        for size in sizes:
-            if size >= lm.config.vocab_size:
-                ids = list(range(lm.config.vocab_size))
-            else:
-                ids = sorted(set(frequent_token_ids(responses, max(size, len(base)), always=base)))
-            cfg = dataclasses.replace(head.config, token_ids=tuple(ids))
-            wide = from_flat(cfg, flat)
+        for size, (scored, ids) in wide.items():
             t0 = time.perf_counter()
-            alpha = th.evaluate_acceptance(lm, wide, ev, steps=a.steps, temperature=a.temperature)
+            alpha = th.evaluate_acceptance(lm, scored, ev, steps=a.steps, temperature=a.temperature)
             cover = float(np.isin(held, ids).mean())
             rows.append(dict(samples=spec, responses=len(ev), asked=size, vocab=len(ids), eval_token_coverage=cover,
                              alpha=alpha, seconds=time.perf_counter() - t0))

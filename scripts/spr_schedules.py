@@ -142,13 +142,14 @@ def replay(pool, scores, sizes, ends, cost=None):
     return res
 
 
-def per_prompt(pool, scores, sizes, ends):
-    """steps and row-steps of each prompt run alone (batch 1: its loop exits when its own rows are done)."""
-    out = []
+def batch1_cost(pool, scores, sizes, ends, c0: float, c1: float) -> float:
+    """Decode cost of running each prompt alone (batch 1: its loop exits when its own rows are done), a step costing
+    c0 + c1 * rows, summed over the prompts."""
+    total = 0.0
     for b in range(pool.shape[0]):
         r = replay(pool[b: b + 1], {s: v[b: b + 1] for s, v in scores.items()}, sizes, ends)
-        out.append(dict(steps=r["steps"], row_steps=r["row_steps"]))
-    return out
+        total += c0 * r["steps"] + c1 * r["row_steps"]
+    return total
 
 
 def bon(pool, scores, n, cost=None):
@@ -178,7 +179,7 @@ def main():
     p.add_argument("--cost", default=None, help="c0,c1,reward_s_per_row[,prefill_s] (seconds) instead of "
                    "--calibrate")
     p.add_argument("--cost-b1", default="1,0.07", help="c0,c1: one prompt per call, a decode step costs c0 + c1 * "
-                   "rows (the w2s run on a 2-core AMD EPYC: BoN(16) 2.2x and BoN(64) 5.4x plain decoding per token)")
+                   "rows (roughly the w2s run on a 2-core AMD EPYC: BoN(16) 2.2x and BoN(64) 5.4x plain decoding per token)")
     p.add_argument("--verify", default=None, help="n_init:stops:alpha of one real SpR run to compare, e.g. "
                    "128:4,16:0.75")
     p.add_argument("--top", type=int, default=25, help="rows of the printed table")
@@ -202,7 +203,8 @@ def main():
         set_name = a.prompt_set
     prompt_ids = common.encode_prompts(lm, prompts, True)
     cfg = sampler_config(lm, a.max_new_tokens, a.temperature, a.top_k)
-    filt = f"_T{a.temperature:g}" + (f"_k{a.top_k}" if a.top_k else "") if a.prompts_file else ""
+    # sampling settings other than the original T 1, no filter, are part of the cached population's name
+    filt = "" if a.temperature == 1.0 and not a.top_k else f"_T{a.temperature:g}" + (f"_k{a.top_k}" if a.top_k else "")
     cache = (os.path.splitext(a.out)[0] + f"_pop_{set_name}{a.prompts}_s{a.seed}_n{a.n_pop}_t{a.max_new_tokens}"
              f"{filt}.npz")
     if os.path.exists(cache):
@@ -243,30 +245,27 @@ def main():
             print(f"  partial reward at {s:3d} tokens: mean per-prompt correlation with the final {rho:+.2f}")
 
     ref_scores = scores[a.max_new_tokens][:, : a.bon_ref]
+    b1c0, b1c1 = (float(x) for x in a.cost_b1.split(","))
     rows = []
     ns = [1 << k for k in range(a.n_pop.bit_length()) if (1 << k) <= a.n_pop]
     for n in ns:
         r = bon(pool, scores, n, cost)
-        r["per_prompt"] = per_prompt(pool, scores, [n], [pool.shape[2]])
+        r["b1_cost"] = batch1_cost(pool, scores, [n], [pool.shape[2]], b1c0, b1c1)
         rows.append(dict(method="bon", n=n, alpha=None, stops=None, schedule=[n], reward=float(np.mean(r["score"])),
                          improvement=improvement_score(r["score"], ref_scores), **r))
     for n0, stops, alpha in itertools.product(n_inits, set_stops, alphas):
         sizes, ends = schedule(n0, alpha, a.max_new_tokens, stops=stops)
         r = replay(pool, scores, sizes, ends, cost)
-        r["per_prompt"] = per_prompt(pool, scores, sizes, ends)
+        r["b1_cost"] = batch1_cost(pool, scores, sizes, ends, b1c0, b1c1)
         rows.append(dict(method="spr", n=n0, alpha=alpha, stops=stops, schedule=sizes, ends=ends,
                          reward=float(np.mean(r["score"])), improvement=improvement_score(r["score"], ref_scores), **r))
     key = "est_s" if cost else "row_steps"
     bref = next(r for r in rows if r["method"] == "bon" and r["n"] == a.bon_ref)
     bref_se = float(np.std(bref["score"], ddof=1) / np.sqrt(len(prompts))) if len(prompts) > 1 else 0.0
-    b1c0, b1c1 = (float(x) for x in a.cost_b1.split(","))
     for r in rows:
         r["speedup"] = bref[key] / r[key]
         r["reaches_ref"] = r["reward"] >= bref["reward"]
         r["within_se"] = r["reward"] >= bref["reward"] - bref_se
-        # one prompt per call (batch 1): each prompt's own loop, steps cost b1c0 + b1c1 * rows
-        r["b1_cost"] = float(sum(b1c0 * q["steps"] + b1c1 * q["row_steps"] for q in r["per_prompt"]))
-    for r in rows:
         r["b1_speedup"] = bref["b1_cost"] / r["b1_cost"]
     print(f"BoN({a.bon_ref}) reward {bref['reward']:.4f} +- {bref_se:.4f} (s.e. over prompts)")
     spr = sorted((r for r in rows if r["method"] == "spr"),
@@ -315,8 +314,6 @@ def main():
                              vs_bon_ref=a.bon_ref * a.max_new_tokens / rs))
             print(f"  n_init {n0:4d} stop {s:3d}: keep per prompt {ks} -> {k:4d}; {rs:6d} row-steps per prompt, "
                   f"BoN({a.bon_ref}) / {need[-1]['vs_bon_ref']:.2f}")
-    for r in rows:
-        del r["per_prompt"]  # (the batch-1 estimate's inputs; b1_cost keeps their total)
     res = dict(args=vars(a), prompts=prompts, cost=cost, rows=rows, single_cut=need, bon_ref_se=bref_se,
                frontier=[dict(method=r["method"], n=r["n"], alpha=r["alpha"], stops=r["stops"], reward=r["reward"],
                               speedup=r["speedup"]) for r in front],

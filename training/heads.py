@@ -251,7 +251,7 @@ def _distill_loss(spec: HeadTrainSpec, params, batch, embed_table, out_rows):
     masks = step_masks(batch["lengths"], batch["prompt_lens"], batch["tokens"].shape[1], spec.steps)
     p = teacher_probs(batch["final"], batch["lse"], out_rows, spec.temperature)
     taps = batch["taps"]
-    if spec.feature_noise > 0 and "noise_key" in batch:
+    if spec.feature_noise > 0:
         taps = noisy_taps(taps, batch["noise_key"], spec.feature_noise)
     logits = ttt_logits(head, taps, batch["tokens"], embed_table, out_rows, spec.steps)
     total, metrics = 0.0, {}
@@ -414,11 +414,11 @@ def train_head(target, head: FeatureDraft, fs: FeatureSet, cfg: HeadTrainConfig,
     if mode == "dpo" and reference is not None and reference.config.token_ids != head.config.token_ids:
         raise ValueError("DPO of a head needs a reference head with the same draft vocabulary (token_ids)")
     embed, rows = target_tables(target, head)
+    if cfg.feature_noise < 0:
+        raise ValueError(f"feature_noise must be >= 0 (a fraction of each tap's RMS), got {cfg.feature_noise}")
     spec = HeadTrainSpec(graphdef=head.graphdef, steps=cfg.ttt_steps, step_decay=cfg.step_decay,
                          temperature=cfg.temperature, tv_weight=cfg.tv_weight, mode=mode, beta=cfg.beta,
                          consistency=cfg.consistency, feature_noise=cfg.feature_noise if mode == "distill" else 0.0)
-    if cfg.feature_noise < 0:
-        raise ValueError(f"feature_noise must be >= 0 (a fraction of each tap's RMS), got {cfg.feature_noise}")
     opt = _optimizer(cfg)
     params = jax.tree.map(jnp.asarray, head.state)
     opt_state = opt.init(params)
