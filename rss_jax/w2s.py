@@ -9,7 +9,10 @@ methods that draft, when the drafts' weights do: a head re-made under the same n
    cache (`--v2 make` re-makes them with their recipe first; `--v2 skip` leaves them out);
 3. one artifact per (method, chunk of prompts): the responses, their three scores and the call's costs, written
    under a temporary name and renamed, so a killed run loses at most the chunk it was running;
-4. the summary JSON (docs/results/weak_to_strong.json) and the report (docs/RESULTS.md with two PNG plots), built
+4. fluency: the target's negative log-likelihood per token (temperature 1) of every scored response, cached next to
+   each artifact and keyed by its texts. The gold reward cannot see reward hacking (strings of positive words);
+   the unaligned target can, as a higher NLL. Report-only, like AFINN and TextBlob;
+5. the summary JSON (docs/results/weak_to_strong.json) and the report (docs/RESULTS.md with two PNG plots), built
    from the artifacts alone.
 
 Every chunk uses fixed keys (prompt offsets, or a seed per chunk for the population methods), so a re-run, or a run
@@ -396,6 +399,7 @@ def run(s: Settings, work: str, out_json: str, results_md: str | None = None, me
             bar.update(1)
     if bar is not None:
         bar.close()
+    fluency(lm, work, s, jobs)
     summary = summarize(s, work, jobs, prompts, command, small_is_target=ctx["small"] is lm,
                         run_s=time.perf_counter() - t_start, commit=commit)
     _write_json(out_json, summary)
@@ -403,6 +407,52 @@ def run(s: Settings, work: str, out_json: str, results_md: str | None = None, me
         from rss_jax import w2s_report
         w2s_report.write(summary, results_md)
     return summary
+
+
+def _fluency_path(art_path: str) -> str:
+    return art_path[:-len(".json")] + ".nll.json"
+
+
+def _fluency_groups(art: dict) -> dict:
+    """The scored responses of one artifact, by name: "" for its own, and each BoN variant read off the pool."""
+    groups = {"": (art["prompts"], art["texts"])}
+    for name, v in (art.get("variants") or {}).items():
+        groups[name] = (art["prompts"], v["texts"])
+    return groups
+
+
+def fluency(lm, work: str, s: Settings, jobs, batch_size: int = 16) -> None:
+    """Stage 4: the target's NLL of every scored response (one `response_nll` pass over all that are missing,
+    sorted by length), written next to each quality artifact as chunk_*.nll.json. The cache is keyed by the target
+    and the texts, so a re-run scores nothing again and a re-run chunk is scored afresh."""
+    from rss_jax.likelihood import response_nll
+    todo = []
+    for phase, m, off, _ in jobs:
+        if phase != "quality":
+            continue
+        path = _art_path(work, s, phase, m, off)
+        with open(path) as f:
+            groups = _fluency_groups(json.load(f))
+        key = hashlib.sha256(json.dumps([lm.source, groups], sort_keys=True).encode()).hexdigest()[:16]
+        cached = _fluency_path(path)
+        if os.path.exists(cached):
+            with open(cached) as f:
+                if json.load(f).get("key") == key:
+                    continue
+        todo.append((cached, key, groups))
+    if not todo:
+        return
+    items = [(p, t) for _, _, groups in todo for ps, ts in groups.values() for p, t in zip(ps, ts)]
+    print(f"w2s: fluency, the target's NLL of {len(items)} responses", file=sys.stderr, flush=True)
+    nll, count = response_nll(lm, [p for p, _ in items], [t for _, t in items], batch_size=batch_size,
+                              progress="w2s fluency")
+    at = 0
+    for cached, key, groups in todo:
+        out = {}
+        for name, (ps, _) in groups.items():
+            out[name] = dict(nll=nll[at:at + len(ps)].tolist(), tokens=count[at:at + len(ps)].tolist())
+            at += len(ps)
+        _write_json(cached, dict(key=key, groups=out))
 
 
 def weights_fingerprint(*models) -> str:
@@ -476,6 +526,11 @@ def _entry(arts, lat, label):
              reward_calls_per_token=sum(a["reward_rows"] for a in cost) / cost_new)
     if all("wall_s" in a for a in arts):  # the chunked run's throughput (the quality chunks are batched)
         e["wall_s_per_token_batched"] = sum(a["wall_s"] for a in arts) / max(new, 1)
+    e.update(target_nll_mean=None, target_nll_se=None)
+    if arts and all("fluency" in a for a in arts):  # per response: NLL per token under the target (T 1)
+        per = [n / c for a in arts for n, c in zip(a["fluency"]["nll"], a["fluency"]["tokens"]) if c > 0]
+        if per:
+            e["target_nll_mean"], e["target_nll_se"] = _stats(per)
     hists = [a["accepted_histogram"] for a in arts if a.get("accepted_histogram") is not None]
     e.update(acceptance_rate=None, acceptance_by_offset=None, tokens_per_target_call=None)
     if hists:
@@ -491,6 +546,10 @@ def _entry(arts, lat, label):
         e["acceptance_rate"] = float(np.mean([a["acceptance_rate"] for a in arts]))
     e["examples"] = [dict(prompt=p, text=t, gold=g) for p, t, g in
                      zip(sum((a["prompts"] for a in arts), [])[:3], texts[:3], sum((a["gold"] for a in arts), [])[:3])]
+    if arts and all("fluency" in a for a in arts):
+        flu = [(n, c) for a in arts for n, c in zip(a["fluency"]["nll"], a["fluency"]["tokens"])]
+        for ex, (n, c) in zip(e["examples"], flu):
+            ex["target_nll"] = n / c if c else None
     return e
 
 
@@ -516,8 +575,16 @@ def summarize(s: Settings, work, jobs, prompts, command, small_is_target=True, r
     from rss_jax import report
     quality, latency = {}, {}
     for phase, m, off, _ in jobs:
-        with open(_art_path(work, s, phase, m, off)) as f:
-            (quality if phase == "quality" else latency).setdefault(m, []).append(json.load(f))
+        path = _art_path(work, s, phase, m, off)
+        with open(path) as f:
+            art = json.load(f)
+        if phase == "quality" and os.path.exists(_fluency_path(path)):
+            with open(_fluency_path(path)) as f:
+                groups = json.load(f)["groups"]
+            art["fluency"] = groups[""]
+            for name, v in (art.get("variants") or {}).items():
+                v["fluency"] = groups[name]
+        (quality if phase == "quality" else latency).setdefault(m, []).append(art)
     methods = {}
     for m, arts in quality.items():
         lat = latency.get(m, [])

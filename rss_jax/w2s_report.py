@@ -75,7 +75,10 @@ def markdown(summary: dict, wall_png: str, fw_png: str) -> str:
         f"{s['k']}; top-k {s['top_k']} on the target for vanilla, BoN, SpR, RS, CARDS, TreeBoN, GSI and RSD, on the "
         "proposal for SD and SSS; no target filter for SD, SSS and EFT (SSS exact and EFT sample one law).",
         "* **Scores:** gold reward = VADER compound of the response (also what every reward-guided method "
-        "optimises); AFINN (sum of word valences) and TextBlob polarity are for reporting only.",
+        "optimises); AFINN (sum of word valences) and TextBlob polarity are for reporting only. **Target NLL** is "
+        "the unaligned target's negative log-likelihood per response token at temperature 1 (mean over responses): "
+        "a fluency check the reward cannot game. Text the target would write itself scores low; strings of "
+        "positive words that VADER likes score high.",
         f"* **Wall-clock:** seconds per returned token of each method run on the first "
         f"{summary.get('latency_prompts')} prompts one at a time (batch 1: what a user waiting for one answer "
         "sees), the whole call with its host work and reward calls, compiles excluded. \"batched\" is the same "
@@ -87,9 +90,9 @@ def markdown(summary: dict, wall_png: str, fw_png: str) -> str:
         "read off the BoN pool (BoN(n) is exactly the pool's first n rows, checked on the batch-1 runs) and take "
         "their costs from their own batch-1 runs.",
         "",
-        "| method | gold ± s.e. | AFINN | TextBlob | wall s / token | vs vanilla | batched wall s / token | target "
+        "| method | gold ± s.e. | AFINN | TextBlob | target NLL | wall s / token | vs vanilla | batched wall s / token | target "
         "fw / token | reward calls / token | acceptance | α_1 .. α_K | tokens / target call | prompts |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, e in m.items():
         speed = _ratio(van["wall_s_per_token"], e["wall_s_per_token"]) if van and e["wall_s_per_token"] else None
@@ -97,6 +100,7 @@ def markdown(summary: dict, wall_png: str, fw_png: str) -> str:
         lines.append(
             f"| {e['label']}{' †' if e.get('read_off_pool') else ''} | {_fmt(e['gold_reward_mean'])} ± "
             f"{_fmt(e['gold_reward_se'])} | {_fmt(e['afinn_mean'], 2)} | {_fmt(e['textblob_mean'])} | "
+            f"{_fmt(e.get('target_nll_mean'), 2)} | "
             f"{_fmt(e['wall_s_per_token'], 4)} | {_fmt(speed, 2)}x | {_fmt(e.get('wall_s_per_token_batched'), 4)} | "
             f"{_fmt(e['target_calls_per_token'], 2)} | "
             f"{_fmt(e['reward_calls_per_token'], 2)} | {_fmt(e.get('acceptance_rate'), 2)} | "
@@ -110,12 +114,12 @@ def markdown(summary: dict, wall_png: str, fw_png: str) -> str:
             if k in m]
     n_ex = min(len(m[k]["examples"]) for k in show) if show else 0
     for i in range(n_ex):
-        lines += [f"**Prompt:** {m[show[0]]['examples'][i]['prompt']}", "", "| method | gold | response |",
-                  "|---|---|---|"]
+        lines += [f"**Prompt:** {m[show[0]]['examples'][i]['prompt']}", "",
+                  "| method | gold | target NLL | response |", "|---|---|---|---|"]
         for k in show:
             ex = m[k]["examples"][i]
             text = " ".join(ex["text"].split()).replace("|", "\\|")
-            lines.append(f"| {m[k]['label']} | {_fmt(ex['gold'])} | {text} |")
+            lines.append(f"| {m[k]['label']} | {_fmt(ex['gold'])} | {_fmt(ex.get('target_nll'), 2)} | {text} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -149,9 +153,20 @@ def findings(summary: dict) -> list[str]:
         x = m["sss_exact"]
         better = [e for k, e in m.items() if e["gold_reward_mean"] > x["gold_reward_mean"]]
         slower = [e["label"] for e in better if e["wall_s_per_token"] > x["wall_s_per_token"]]
-        faster = [e["label"] for e in better if e["wall_s_per_token"] <= x["wall_s_per_token"]]
+        faster = [e["label"] + (f" (target NLL {e['target_nll_mean']:.2f} against SSS exact's "
+                                f"{x['target_nll_mean']:.2f})" if e.get("target_nll_mean") is not None and
+                                x.get("target_nll_mean") is not None else "")
+                  for e in better if e["wall_s_per_token"] <= x["wall_s_per_token"]]
         out.append(f"* Methods with a higher gold reward than SSS exact: {len(better)}; of those slower per token: "
                    f"{', '.join(slower) or 'none'}; not slower: {', '.join(faster) or 'none'}.")
+    nll = {k: e["target_nll_mean"] for k, e in m.items() if e.get("target_nll_mean") is not None}
+    if "vanilla" in nll:
+        v = m["vanilla"]
+        hi = sorted((k for k in nll if k != "vanilla"), key=lambda k: -nll[k])[:3]
+        out.append(f"* Fluency, the target's NLL per token: vanilla {nll['vanilla']:.2f} ± "
+                   f"{v['target_nll_se']:.2f}" + ("; SSS exact " + f"{nll['sss_exact']:.2f}" if "sss_exact" in nll
+                                                  else "") + "; highest: " +
+                   ", ".join(f"{m[k]['label']} {nll[k]:.2f} ({nll[k] - nll['vanilla']:+.2f})" for k in hi) + ".")
     bon = next((k for k in m if k.startswith("bon_") and k == f"bon_{summary['settings']['n_max']}"), None)
     if bon:
         b = m[bon]

@@ -4,7 +4,10 @@
    (`rss_jax.best_of_n`, one prefill fanned out to n rows) and VADER scores them.
 2. Pairs: chosen = the highest-scoring response, rejected = the lowest (pairs with equal scores are dropped).
 3. DPO (`training.train`, sigmoid loss, reference = the frozen SFT draft) for --steps steps.
-4. Held-out check: the mean VADER reward of the draft's own samples before and after.
+4. Held-out check, before and after, on the draft's own samples: the mean VADER reward, and two signs of reward
+   hacking that the reward cannot see: the target's negative log-likelihood per response token (--target; text
+   the unaligned target finds unlikely, such as strings of positive words, scores high) and the share of distinct
+   bigrams in each response (repetition scores low).
 
     .venv/bin/python scripts/align_draft.py --sft ~/.cache/rss_jax/drafts/smollm2-135m-instruct-distilled \
         --save ~/.cache/rss_jax/drafts/smollm2-135m-instruct-aligned        # -> results/align_draft.json
@@ -30,10 +33,21 @@ from distill_draft import prompts  # noqa: E402
 from rss_jax.report import write_json  # noqa: E402
 
 
-def draft_reward(draft, texts, reward, new_tokens, seed) -> float:
+def distinct_bigrams(ids) -> float:
+    """The share of distinct bigrams among a response's bigrams (1.0 for responses under three tokens)."""
+    pairs = list(zip(ids[:-1], ids[1:]))
+    return len(set(pairs)) / len(pairs) if len(pairs) > 1 else 1.0
+
+
+def held_out_check(draft, target, texts, reward, new_tokens, seed) -> dict:
+    """The draft's own samples on `texts`: mean VADER reward, the target's NLL per response token, distinct bigrams."""
+    from rss_jax.likelihood import response_nll
     out = rj.generate(draft, texts, max_new_tokens=new_tokens, temperature=1.0, seed=seed)
     resp = [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
-    return float(np.mean(reward.score(out.prompt_ids, resp)))
+    nll, count = response_nll(target, out.prompt_ids, resp)
+    return {"vader": float(np.mean(reward.score(out.prompt_ids, resp))),
+            "target_nll_per_token": float(nll.sum() / max(count.sum(), 1)),
+            "distinct_bigrams": float(np.mean([distinct_bigrams(r) for r in resp]))}
 
 
 def main():
@@ -48,10 +62,13 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--held-out", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target", default="smollm2-135m-instruct",
+                    help="the unaligned target whose likelihood of the held-out samples is reported (fluency)")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "align_draft.json"))
     a = ap.parse_args()
     t0 = time.perf_counter()
     sft = rj.load(a.sft)
+    target = rj.load(a.target)
     reward = rj.rewards.vader_reward(sft.tokenizer)
     texts = prompts()
     np.random.default_rng(a.seed).shuffle(texts)
@@ -65,7 +82,7 @@ def main():
                 pick = lambda i: [t for t in cands[i].tolist() if t >= 0]  # noqa: E731
                 pairs.append({"prompt_ids": ids, "chosen_ids": pick(hi), "rejected_ids": pick(lo)})
     print(f"{len(pairs)} preference pairs from {len(train_texts)} instructions", flush=True)
-    before = draft_reward(sft, held, reward, a.new_tokens, a.seed + 1000)
+    before = held_out_check(sft, target, held, reward, a.new_tokens, a.seed + 1000)
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "pairs.jsonl")
         with open(data, "w") as f:
@@ -74,12 +91,15 @@ def main():
             mode="dpo", policy=sft, data=data, output=os.path.join(tmp, "run"), steps=a.steps,
             batch_size=a.batch_size, learning_rate=a.learning_rate, beta=a.beta, seed=a.seed, export=False))
     res.lm.save(a.save, overwrite=True)
-    after = draft_reward(res.lm, held, reward, a.new_tokens, a.seed + 1000)
+    after = held_out_check(res.lm, target, held, reward, a.new_tokens, a.seed + 1000)
     last = res.metrics[-1]
-    print(f"held-out VADER reward of the draft's samples: {before:.3f} before DPO, {after:.3f} after; "
-          f"final DPO accuracy {last.get('accuracy')}, margin {last.get('margin')}; wrote {a.save}")
+    for name, key in (("VADER reward", "vader"), ("target NLL per token", "target_nll_per_token"),
+                      ("distinct bigrams", "distinct_bigrams")):
+        print(f"held-out {name} of the draft's samples: {before[key]:.3f} before DPO, {after[key]:.3f} after")
+    print(f"final DPO accuracy {last.get('accuracy')}, margin {last.get('margin')}; wrote {a.save}")
     write_json(a.out, {"command": " ".join(["python", *sys.argv]), "settings": vars(a), "pairs": len(pairs),
-                       "held_out_reward_before": before, "held_out_reward_after": after,
+                       "held_out_reward_before": before["vader"], "held_out_reward_after": after["vader"],
+                       "held_out_before": before, "held_out_after": after,
                        "final_metrics": last, "wall_s": time.perf_counter() - t0})
 
 

@@ -26,7 +26,8 @@ pytest.importorskip("afinn")
 pytest.importorskip("textblob")
 
 FIELDS = ("gold_reward_mean", "gold_reward_se", "afinn_mean", "textblob_mean", "wall_s_per_token",
-          "target_calls_per_token", "reward_calls_per_token", "acceptance_rate", "new_tokens")
+          "target_calls_per_token", "reward_calls_per_token", "acceptance_rate", "new_tokens", "target_nll_mean",
+          "target_nll_se")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,7 @@ def test_every_method_has_every_field(first_run):
             assert f in e, (name, f)
         assert e["new_tokens"] > 0 and e["wall_s_per_token"] > 0 and e["target_calls_per_token"] > 0, name
         assert -1 <= e["gold_reward_mean"] <= 1 and -1 <= e["textblob_mean"] <= 1, name
+        assert e["target_nll_mean"] > 0, name
     m = on_disk["methods"]
     for name in ("sd_sft", "sd", "sss_exact", "sss_paper", "sss_authors_code"):
         assert 0 <= m[name]["acceptance_rate"] <= 1 and len(m[name]["acceptance_by_offset"]) == s.k
@@ -88,16 +90,42 @@ def test_bon_variants_equal_their_own_runs(first_run):
     assert summary["methods"]["soft_bon_2"]["same_tokens_as_pool"] is True
 
 
+def test_fluency_is_the_targets_nll_of_each_response(first_run, tiny):
+    """The examples' target NLL per token (read back through the cache, the length-sorted batches and the split per
+    artifact and BoN variant) equals a direct forward of the target on each prompt + response, one at a time."""
+    from rss_jax.decoding.common import encode_prompts
+    _, _, summary = first_run
+    lm = tiny[0]
+    checked = 0
+    for name in ("vanilla", "bon_2", "sss_exact", "cards"):
+        for ex in summary["methods"][name]["examples"]:
+            p = encode_prompts(lm, [ex["prompt"]])[0]
+            r = lm.tokenizer(ex["text"], add_special_tokens=False)["input_ids"]
+            if not r:
+                assert ex["target_nll"] is None
+                continue
+            logits = np.asarray(lm.logits([p + r]))[0].astype(np.float64)
+            logp = logits - logits.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            want = -np.mean([logp[len(p) + j - 1, t] for j, t in enumerate(r)])
+            assert ex["target_nll"] == pytest.approx(want, rel=1e-4), name
+            checked += 1
+    assert checked >= 6
+
+
 def test_rerun_reuses_every_chunk(first_run, tiny, monkeypatch):
     s, root, summary = first_run
 
     def refuse(*a, **k):
         raise AssertionError("a finished chunk was run again")
     monkeypatch.setattr(w2s, "run_chunk", refuse)
+    import rss_jax.likelihood
+    monkeypatch.setattr(rss_jax.likelihood, "response_nll", refuse)  # and its fluency is cached too
     again = w2s.run(s, str(root / "work"), str(root / "again.json"), None, tiny_model=tiny, command="pytest")
     for name, e in summary["methods"].items():
         assert again["methods"][name]["gold_reward_mean"] == e["gold_reward_mean"]
         assert again["methods"][name]["wall_s_per_token"] == e["wall_s_per_token"]
+        assert again["methods"][name]["target_nll_mean"] == e["target_nll_mean"]
 
 
 def test_killed_run_resumes_with_the_same_numbers(first_run, tiny):
@@ -124,7 +152,8 @@ def test_killed_run_resumes_with_the_same_numbers(first_run, tiny):
     assert sorted(ran) == sorted(["vanilla", "sss_exact", "bon_pool", "cards", "eft"])
     for name, e in summary["methods"].items():
         r = again["methods"][name]
-        for f in ("gold_reward_mean", "afinn_mean", "textblob_mean", "new_tokens", "acceptance_rate"):
+        for f in ("gold_reward_mean", "afinn_mean", "textblob_mean", "new_tokens", "acceptance_rate",
+                  "target_nll_mean"):
             assert r[f] == e[f], (name, f)
         assert [x["text"] for x in r["examples"]] == [x["text"] for x in e["examples"]], name
 

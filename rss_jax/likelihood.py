@@ -1,0 +1,85 @@
+"""How likely a model finds given responses: `response_nll(lm, prompts, responses)`.
+
+The weak-to-strong report uses it as a fluency check. A method that games the gold reward (strings of positive
+words) scores well on the reward but reads badly to the unaligned target, and that shows as a higher negative
+log-likelihood per response token under the target at temperature 1.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rss_jax.decoding.common import encode_prompts
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_nll(graphdef, state, tokens, mask):
+    """tokens [B, T], mask [B, T] (1 where tokens[t] is a scored response token) -> summed NLL per row [B]."""
+    logits = nnx.merge(graphdef, state)(tokens)[0].astype(jnp.float32)
+    lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    picked = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return -(picked * mask[:, 1:]).sum(axis=1)
+
+
+def _bucket(n: int, step: int = 64) -> int:
+    return -(-n // step) * step
+
+
+def response_nll(lm, prompts, responses, batch_size: int = 16, chat: bool = True, progress: str | None = None):
+    """Negative log-likelihood of each response given its prompt under `lm` at temperature 1.
+
+    prompts: strings (chat template applied, as in `rss_jax.generate`) or lists of token ids; responses: strings
+    (tokenized without special tokens) or lists of token ids (entries < 0 are padding and dropped), one per prompt.
+    Returns (nll [N] float64: the sum over each response's tokens, tokens [N] int64: how many were scored). The mean
+    per token of response i is nll[i] / tokens[i]; an empty response scores 0 over 0 tokens.
+
+    Rows are padded to a fixed batch and to lengths rounded up to 64, so a long evaluation compiles a few shapes.
+    `progress`: a label for a progress bar over the batches (None: no bar)."""
+    if isinstance(prompts, (str, bytes)):
+        prompts, responses = [prompts], [responses]
+    if len(prompts) != len(responses):
+        raise ValueError(f"response_nll got {len(prompts)} prompts and {len(responses)} responses; pass one "
+                         "response per prompt")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompt_ids = encode_prompts(lm, list(prompts), chat=chat)
+    resp_ids = []
+    for i, r in enumerate(responses):
+        if isinstance(r, str):
+            if lm.tokenizer is None:
+                raise ValueError(f"response {i} is text but the model {lm.source!r} has no tokenizer; pass token ids")
+            ids = lm.tokenizer(r, add_special_tokens=False)["input_ids"]
+        else:
+            ids = [int(t) for t in np.asarray(r).reshape(-1) if int(t) >= 0]
+        bad = [t for t in ids if t >= lm.vocab_size]
+        if bad:
+            raise ValueError(f"response {i} has token ids outside the vocabulary [0, {lm.vocab_size}): {bad[:5]}")
+        resp_ids.append(ids)
+    n = len(prompt_ids)
+    nll, counts = np.zeros(n, np.float64), np.array([len(r) for r in resp_ids], np.int64)
+    order = np.argsort([len(p) + len(r) for p, r in zip(prompt_ids, resp_ids)], kind="stable")  # similar lengths
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc=progress, unit="batch", dynamic_ncols=True)
+    for s in starts:
+        rows = order[s:s + batch_size]
+        width = _bucket(max(len(prompt_ids[i]) + len(resp_ids[i]) for i in rows))
+        tokens = np.zeros((batch_size, width), np.int32)
+        mask = np.zeros((batch_size, width), np.float32)
+        for j, i in enumerate(rows):
+            p, r = prompt_ids[i], resp_ids[i]
+            tokens[j, :len(p) + len(r)] = p + r
+            mask[j, len(p):len(p) + len(r)] = 1.0
+        if lm.mesh is None:
+            out = _token_nll(lm.graphdef, lm.state, jnp.asarray(tokens), jnp.asarray(mask))
+        else:
+            with jax.set_mesh(lm.mesh):
+                out = _token_nll(lm.graphdef, lm.state, jnp.asarray(tokens), jnp.asarray(mask))
+        out = np.asarray(out)
+        nll[rows] = out[:len(rows)]
+    return nll, counts
