@@ -5,6 +5,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -31,12 +32,30 @@ def table(rows: list[dict], columns: list[str] | None = None, title: str | None 
     return "\n".join(out)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status); elsewhere set and
+    restored under a lock, with a stricter mask in between, so another thread that creates a file meanwhile gets
+    tighter permissions, never looser ones."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
 def public_mode(path: str, folder: bool = False) -> None:
     """Give a temporary file or folder the permissions a plain open() or mkdir() would have given it (0666 or 0777
     less the umask): tempfile makes them private to the user, and the rename would keep that."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
 
 
 def write_json(path: str, data) -> str:

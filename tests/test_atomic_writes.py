@@ -47,3 +47,24 @@ def test_atomic_folder_is_not_private(tmp_path, umask_022):
             f.write(b"x")
     assert mode(target) == 0o755
     assert mode(target / "weights.bin") == 0o644
+
+
+def test_current_umask_reads_without_changing_it(monkeypatch):
+    """Read from /proc where Linux has it, else set and restored: both give the umask and leave it as it was."""
+    import builtins
+
+    from rss_jax.report import current_umask
+    old = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+        real_open = builtins.open
+
+        def no_proc(path, *a, **k):
+            if str(path).startswith("/proc"):
+                raise OSError("no /proc here")
+            return real_open(path, *a, **k)
+        monkeypatch.setattr(builtins, "open", no_proc)
+        assert current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # unchanged by either path
+    finally:
+        os.umask(old)
