@@ -18,15 +18,21 @@ from rss_jax.decoding.common import encode_prompts
 
 @functools.partial(jax.jit, static_argnums=0)
 def _token_nll(graphdef, state, tokens, mask):
-    """tokens [B, T], mask [B, T] (1 where tokens[t] is a scored response token) -> summed NLL per row [B]."""
-    logits = nnx.merge(graphdef, state)(tokens)[0].astype(jnp.float32)
-    lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    picked = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return -(picked * mask[:, 1:]).sum(axis=1)
+    """tokens [B, T], mask [B, T] (1 where tokens[t] is a scored response token) -> summed NLL per row [B].
+    Unscored positions are dropped with a select, not a product: their log-probs may be -inf (a token outside a
+    trimmed head) or NaN (padding past a learned position table), and 0 * inf would poison the sum."""
+    logits = nnx.merge(graphdef, state)(tokens)[0][:, :-1].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    return jnp.where(mask[:, 1:] > 0, nll, 0.0).sum(axis=1)
 
 
 def _bucket(n: int, step: int = 64) -> int:
     return -(-n // step) * step
+
+
+def _is_ids(x) -> bool:
+    return not isinstance(x, (str, bytes)) and len(x) > 0 and isinstance(x[0], (int, np.integer))
 
 
 def response_nll(lm, prompts, responses, batch_size: int = 16, chat: bool = True, progress: str | None = None):
@@ -34,18 +40,22 @@ def response_nll(lm, prompts, responses, batch_size: int = 16, chat: bool = True
 
     prompts: strings (chat template applied, as in `rss_jax.generate`) or lists of token ids; responses: strings
     (tokenized without special tokens) or lists of token ids (entries < 0 are padding and dropped), one per prompt.
+    A single prompt may be passed bare (a string, or one flat list of ids) with its single response.
     Returns (nll [N] float64: the sum over each response's tokens, tokens [N] int64: how many were scored). The mean
     per token of response i is nll[i] / tokens[i]; an empty response scores 0 over 0 tokens.
 
     Rows are padded to a fixed batch and to lengths rounded up to 64, so a long evaluation compiles a few shapes.
     `progress`: a label for a progress bar over the batches (None: no bar)."""
-    if isinstance(prompts, (str, bytes)):
+    from rss_jax import sharding
+    if isinstance(prompts, (str, bytes)) or _is_ids(prompts):
         prompts, responses = [prompts], [responses]
     if len(prompts) != len(responses):
         raise ValueError(f"response_nll got {len(prompts)} prompts and {len(responses)} responses; pass one "
                          "response per prompt")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(prompts) == 0:
+        return np.zeros(0, np.float64), np.zeros(0, np.int64)
     prompt_ids = encode_prompts(lm, list(prompts), chat=chat)
     resp_ids = []
     for i, r in enumerate(responses):
@@ -59,27 +69,36 @@ def response_nll(lm, prompts, responses, batch_size: int = 16, chat: bool = True
         if bad:
             raise ValueError(f"response {i} has token ids outside the vocabulary [0, {lm.vocab_size}): {bad[:5]}")
         resp_ids.append(ids)
+    limit = lm.config.max_position_embeddings
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, resp_ids)]
+    if max(lengths) > limit:
+        i = int(np.argmax(lengths))
+        raise ValueError(f"prompt {i} + its response is {lengths[i]} tokens, more than the model's context of {limit} "
+                         "positions; shorten the response or score it with a longer-context model")
     n = len(prompt_ids)
     nll, counts = np.zeros(n, np.float64), np.array([len(r) for r in resp_ids], np.int64)
-    order = np.argsort([len(p) + len(r) for p, r in zip(prompt_ids, resp_ids)], kind="stable")  # similar lengths
+    order = np.argsort(lengths, kind="stable")  # batches of similar lengths
+    mesh = lm.mesh
     starts = range(0, n, batch_size)
     if progress:
         from tqdm import tqdm
         starts = tqdm(starts, desc=progress, unit="batch", dynamic_ncols=True)
     for s in starts:
         rows = order[s:s + batch_size]
-        width = _bucket(max(len(prompt_ids[i]) + len(resp_ids[i]) for i in rows))
+        width = min(_bucket(max(lengths[i] for i in rows)), limit)
         tokens = np.zeros((batch_size, width), np.int32)
         mask = np.zeros((batch_size, width), np.float32)
         for j, i in enumerate(rows):
             p, r = prompt_ids[i], resp_ids[i]
             tokens[j, :len(p) + len(r)] = p + r
             mask[j, len(p):len(p) + len(r)] = 1.0
-        if lm.mesh is None:
+        if mesh is None:
             out = _token_nll(lm.graphdef, lm.state, jnp.asarray(tokens), jnp.asarray(mask))
         else:
-            with jax.set_mesh(lm.mesh):
-                out = _token_nll(lm.graphdef, lm.state, jnp.asarray(tokens), jnp.asarray(mask))
-        out = np.asarray(out)
-        nll[rows] = out[:len(rows)]
+            with jax.set_mesh(mesh):
+                args = (tokens, mask)
+                if jax.process_count() > 1:
+                    args = sharding.to_global(args, mesh)
+                out = sharding.to_host(_token_nll(lm.graphdef, lm.state, *args))
+        nll[rows] = np.asarray(out)[:len(rows)]
     return nll, counts

@@ -47,7 +47,7 @@ def current_umask() -> int:
     except (OSError, ValueError, IndexError):
         pass
     with _UMASK_LOCK:
-        mask = os.umask(0o077)
+        mask = os.umask(0o777)
         os.umask(mask)
     return mask
 

@@ -297,10 +297,10 @@ def _pool_variants(ctx, pool, prompts, chunk_seed, timing: bool) -> dict:
 # the pipeline
 # ------------------------------------------------------------------------------------------------------------------
 
-def _progress(total, desc):
+def _progress(total, desc, unit="chunk"):
     try:
         from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit="chunk", dynamic_ncols=True, file=sys.stderr)
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
 
@@ -421,11 +421,17 @@ def _fluency_groups(art: dict) -> dict:
     return groups
 
 
-def fluency(lm, work: str, s: Settings, jobs, batch_size: int = 16) -> None:
-    """Stage 4: the target's NLL of every scored response (one `response_nll` pass over all that are missing,
-    sorted by length), written next to each quality artifact as chunk_*.nll.json. The cache is keyed by the target
-    and the texts, so a re-run scores nothing again and a re-run chunk is scored afresh."""
+FLUENCY_SCHEMA = 1  # bump when what is scored changes (template, special tokens), so old caches are not reused
+
+
+def fluency(lm, work: str, s: Settings, jobs, batch_size: int = 16, slice_responses: int = 400) -> None:
+    """Stage 4: the target's NLL of every scored response, written next to each quality artifact as
+    chunk_*.nll.json. The missing ones are scored in slices of about `slice_responses` (each slice sorted by length
+    inside `response_nll`) and written after each slice, so a killed run keeps what it finished. The cache is keyed
+    by the target's weights and the texts: a re-run scores nothing again, and a chunk that was run again is scored
+    afresh."""
     from rss_jax.likelihood import response_nll
+    target = weights_fingerprint(lm)
     todo = []
     for phase, m, off, _ in jobs:
         if phase != "quality":
@@ -433,7 +439,7 @@ def fluency(lm, work: str, s: Settings, jobs, batch_size: int = 16) -> None:
         path = _art_path(work, s, phase, m, off)
         with open(path) as f:
             groups = _fluency_groups(json.load(f))
-        key = hashlib.sha256(json.dumps([lm.source, groups], sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([FLUENCY_SCHEMA, target, groups], sort_keys=True).encode()).hexdigest()[:16]
         cached = _fluency_path(path)
         if os.path.exists(cached):
             with open(cached) as f:
@@ -442,17 +448,28 @@ def fluency(lm, work: str, s: Settings, jobs, batch_size: int = 16) -> None:
         todo.append((cached, key, groups))
     if not todo:
         return
-    items = [(p, t) for _, _, groups in todo for ps, ts in groups.values() for p, t in zip(ps, ts)]
-    print(f"w2s: fluency, the target's NLL of {len(items)} responses", file=sys.stderr, flush=True)
-    nll, count = response_nll(lm, [p for p, _ in items], [t for _, t in items], batch_size=batch_size,
-                              progress="w2s fluency")
-    at = 0
-    for cached, key, groups in todo:
-        out = {}
-        for name, (ps, _) in groups.items():
-            out[name] = dict(nll=nll[at:at + len(ps)].tolist(), tokens=count[at:at + len(ps)].tolist())
-            at += len(ps)
-        _write_json(cached, dict(key=key, groups=out))
+    total = sum(len(ps) for _, _, groups in todo for ps, _ in groups.values())
+    bar = _progress(total, "w2s fluency", unit="response")
+    i = 0
+    while i < len(todo):
+        part, size = [], 0
+        while i < len(todo) and (not part or size < slice_responses):
+            part.append(todo[i])
+            size += sum(len(ps) for ps, _ in todo[i][2].values())
+            i += 1
+        items = [(p, t) for _, _, groups in part for ps, ts in groups.values() for p, t in zip(ps, ts)]
+        nll, count = response_nll(lm, [p for p, _ in items], [t for _, t in items], batch_size=batch_size)
+        at = 0
+        for cached, key, groups in part:
+            out = {}
+            for name, (ps, _) in groups.items():
+                out[name] = dict(nll=nll[at:at + len(ps)].tolist(), tokens=count[at:at + len(ps)].tolist())
+                at += len(ps)
+            _write_json(cached, dict(key=key, groups=out))
+        if bar is not None:
+            bar.update(size)
+    if bar is not None:
+        bar.close()
 
 
 def weights_fingerprint(*models) -> str:
@@ -581,6 +598,10 @@ def summarize(s: Settings, work, jobs, prompts, command, small_is_target=True, r
         if phase == "quality" and os.path.exists(_fluency_path(path)):
             with open(_fluency_path(path)) as f:
                 groups = json.load(f)["groups"]
+            for name, (_, texts) in _fluency_groups(art).items():
+                if name not in groups or len(groups[name]["nll"]) != len(texts):
+                    raise ValueError(f"{_fluency_path(path)} does not match its artifact ({name or 'responses'}); "
+                                     "delete it and re-run `rss-jax w2s` to score the responses again")
             art["fluency"] = groups[""]
             for name, v in (art.get("variants") or {}).items():
                 v["fluency"] = groups[name]

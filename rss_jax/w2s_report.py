@@ -90,8 +90,9 @@ def markdown(summary: dict, wall_png: str, fw_png: str) -> str:
         "read off the BoN pool (BoN(n) is exactly the pool's first n rows, checked on the batch-1 runs) and take "
         "their costs from their own batch-1 runs.",
         "",
-        "| method | gold ± s.e. | AFINN | TextBlob | target NLL | wall s / token | vs vanilla | batched wall s / token | target "
-        "fw / token | reward calls / token | acceptance | α_1 .. α_K | tokens / target call | prompts |",
+        "| method | gold ± s.e. | AFINN | TextBlob | target NLL | wall s / token | vs vanilla | batched wall s / "
+        "token | target fw / token | reward calls / token | acceptance | α_1 .. α_K | tokens / target call "
+        "| prompts |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, e in m.items():
@@ -153,20 +154,26 @@ def findings(summary: dict) -> list[str]:
         x = m["sss_exact"]
         better = [e for k, e in m.items() if e["gold_reward_mean"] > x["gold_reward_mean"]]
         slower = [e["label"] for e in better if e["wall_s_per_token"] > x["wall_s_per_token"]]
-        faster = [e["label"] + (f" (target NLL {e['target_nll_mean']:.2f} against SSS exact's "
-                                f"{x['target_nll_mean']:.2f})" if e.get("target_nll_mean") is not None and
-                                x.get("target_nll_mean") is not None else "")
-                  for e in better if e["wall_s_per_token"] <= x["wall_s_per_token"]]
+
+        def named(e):
+            if e.get("target_nll_mean") is None or x.get("target_nll_mean") is None:
+                return e["label"]
+            return (f"{e['label']} (target NLL {_fmt(e['target_nll_mean'], 2)}, SSS exact's "
+                    f"{_fmt(x['target_nll_mean'], 2)})")
+        faster = [named(e) for e in better if e["wall_s_per_token"] <= x["wall_s_per_token"]]
         out.append(f"* Methods with a higher gold reward than SSS exact: {len(better)}; of those slower per token: "
                    f"{', '.join(slower) or 'none'}; not slower: {', '.join(faster) or 'none'}.")
     nll = {k: e["target_nll_mean"] for k, e in m.items() if e.get("target_nll_mean") is not None}
     if "vanilla" in nll:
-        v = m["vanilla"]
+        parts = [f"vanilla {_fmt(nll['vanilla'], 2)} ± {_fmt(m['vanilla']['target_nll_se'], 2)}"]
+        if "sss_exact" in nll:
+            parts.append(f"SSS exact {_fmt(nll['sss_exact'], 2)}")
         hi = sorted((k for k in nll if k != "vanilla"), key=lambda k: -nll[k])[:3]
-        out.append(f"* Fluency, the target's NLL per token: vanilla {nll['vanilla']:.2f} ± "
-                   f"{v['target_nll_se']:.2f}" + ("; SSS exact " + f"{nll['sss_exact']:.2f}" if "sss_exact" in nll
-                                                  else "") + "; highest: " +
-                   ", ".join(f"{m[k]['label']} {nll[k]:.2f} ({nll[k] - nll['vanilla']:+.2f})" for k in hi) + ".")
+        if hi:
+            parts.append("highest: " + ", ".join(f"{m[k]['label']} {_fmt(nll[k], 2)} ({nll[k] - nll['vanilla']:+.2f})"
+                                                 for k in hi))
+        out.append("* Fluency, the target's NLL per response token (lower reads more like the target's own text): "
+                   + "; ".join(parts) + ".")
     bon = next((k for k in m if k.startswith("bon_") and k == f"bon_{summary['settings']['n_max']}"), None)
     if bon:
         b = m[bon]

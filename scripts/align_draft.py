@@ -39,21 +39,25 @@ def distinct_bigrams(ids) -> float:
     return len(set(pairs)) / len(pairs) if len(pairs) > 1 else 1.0
 
 
-def held_out_check(draft, target, texts, reward, new_tokens, seed) -> dict:
-    """The draft's own samples on `texts`: mean VADER reward, the target's NLL per response token, distinct bigrams."""
+def held_out_check(model, target, texts, new_tokens, seed) -> dict:
+    """The model's own samples on `texts`: mean VADER reward, the target's NLL per response token (the response
+    text re-tokenized, mean over responses, as `rss-jax w2s` reports it) and the share of distinct bigrams."""
     from rss_jax.likelihood import response_nll
-    out = rj.generate(draft, texts, max_new_tokens=new_tokens, temperature=1.0, seed=seed)
+    out = rj.generate(model, texts, max_new_tokens=new_tokens, temperature=1.0, seed=seed)
     resp = [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
-    nll, count = response_nll(target, out.prompt_ids, resp)
+    reward = rj.rewards.vader_reward(model.tokenizer)
+    nll, count = response_nll(target, texts, list(out.texts))
     return {"vader": float(np.mean(reward.score(out.prompt_ids, resp))),
-            "target_nll_per_token": float(nll.sum() / max(count.sum(), 1)),
+            "target_nll_per_token": float(np.mean(nll[count > 0] / count[count > 0])),
             "distinct_bigrams": float(np.mean([distinct_bigrams(r) for r in resp]))}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sft", required=True, help="the SFT draft (folder or built-in name)")
-    ap.add_argument("--save", required=True, help="where to write the aligned draft (rss_jax Orbax folder)")
+    ap.add_argument("--sft", help="the SFT draft (folder or built-in name)")
+    ap.add_argument("--save", help="where to write the aligned draft (rss_jax Orbax folder)")
+    ap.add_argument("--check", nargs="+", metavar="MODEL",
+                    help="no training: run the held-out check on these models (drafts, or the target) and write it")
     ap.add_argument("--n", type=int, default=4, help="samples per instruction for the preference pairs")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -64,15 +68,28 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target", default="smollm2-135m-instruct",
                     help="the unaligned target whose likelihood of the held-out samples is reported (fluency)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "align_draft.json"))
+    ap.add_argument("--out", help="the report (default results/align_draft.json; with --check, "
+                    "results/align_draft_check.json)")
     a = ap.parse_args()
+    if not a.check and not (a.sft and a.save):
+        ap.error("give --sft and --save to align a draft, or --check MODEL ... to measure models as they are")
+    a.out = a.out or os.path.join(ROOT, "results", "align_draft_check.json" if a.check else "align_draft.json")
     t0 = time.perf_counter()
-    sft = rj.load(a.sft)
     target = rj.load(a.target)
-    reward = rj.rewards.vader_reward(sft.tokenizer)
     texts = prompts()
     np.random.default_rng(a.seed).shuffle(texts)
     held, train_texts = texts[:a.held_out], texts[a.held_out:]
+    if a.check:
+        rows = {}
+        for name in a.check:
+            rows[name] = held_out_check(target if name == a.target else rj.load(name), target, held, a.new_tokens,
+                                        a.seed + 1000)
+            print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
+        write_json(a.out, {"command": " ".join(["python", *sys.argv]), "settings": vars(a), "held_out": rows,
+                           "wall_s": time.perf_counter() - t0})
+        return
+    sft = rj.load(a.sft)
+    reward = rj.rewards.vader_reward(sft.tokenizer)
     pairs = []
     for s in range(0, len(train_texts), 8):
         res = rj.best_of_n(sft, train_texts[s:s + 8], reward, n=a.n, max_new_tokens=a.new_tokens, seed=a.seed + s)
@@ -82,7 +99,7 @@ def main():
                 pick = lambda i: [t for t in cands[i].tolist() if t >= 0]  # noqa: E731
                 pairs.append({"prompt_ids": ids, "chosen_ids": pick(hi), "rejected_ids": pick(lo)})
     print(f"{len(pairs)} preference pairs from {len(train_texts)} instructions", flush=True)
-    before = held_out_check(sft, target, held, reward, a.new_tokens, a.seed + 1000)
+    before = held_out_check(sft, target, held, a.new_tokens, a.seed + 1000)
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "pairs.jsonl")
         with open(data, "w") as f:
@@ -91,7 +108,7 @@ def main():
             mode="dpo", policy=sft, data=data, output=os.path.join(tmp, "run"), steps=a.steps,
             batch_size=a.batch_size, learning_rate=a.learning_rate, beta=a.beta, seed=a.seed, export=False))
     res.lm.save(a.save, overwrite=True)
-    after = held_out_check(res.lm, target, held, reward, a.new_tokens, a.seed + 1000)
+    after = held_out_check(res.lm, target, held, a.new_tokens, a.seed + 1000)
     last = res.metrics[-1]
     for name, key in (("VADER reward", "vader"), ("target NLL per token", "target_nll_per_token"),
                       ("distinct bigrams", "distinct_bigrams")):

@@ -55,8 +55,13 @@ def test_current_umask_reads_without_changing_it(monkeypatch):
 
     from rss_jax.report import current_umask
     old = os.umask(0o027)
+    real_umask = os.umask
     try:
-        assert current_umask() == 0o027
+        def no_umask(mask):
+            raise AssertionError("the /proc path should not set the umask")
+        monkeypatch.setattr(os, "umask", no_umask)
+        assert current_umask() == 0o027  # read from /proc/self/status
+        monkeypatch.setattr(os, "umask", real_umask)
         real_open = builtins.open
 
         def no_proc(path, *a, **k):
@@ -64,7 +69,7 @@ def test_current_umask_reads_without_changing_it(monkeypatch):
                 raise OSError("no /proc here")
             return real_open(path, *a, **k)
         monkeypatch.setattr(builtins, "open", no_proc)
-        assert current_umask() == 0o027
+        assert current_umask() == 0o027  # set and restored
         assert os.umask(0o027) == 0o027  # unchanged by either path
     finally:
         os.umask(old)

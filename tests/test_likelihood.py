@@ -36,6 +36,20 @@ def test_matches_transformers_on_ragged_rows(llama):
     assert nll[4] == 0.0
 
 
+def test_long_rows_span_several_length_buckets(llama):
+    """Rows of 20 to 120 tokens fall in two width buckets (64 and 128, the tiny model's whole context)."""
+    lm, torch_model = llama
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (4, 50, 10)]
+    responses = [rng.integers(0, VOCAB, n).tolist() for n in (16, 70, 118)]
+    nll, count = response_nll(lm, prompts, responses, batch_size=2)
+    want = [_oracle(torch_model, p, r) for p, r in zip(prompts, responses)]
+    np.testing.assert_allclose(nll, want, rtol=2e-5, atol=5e-4)
+    # one bare prompt of ids with its response is one row, not one row per id
+    one, n1 = response_nll(lm, prompts[0], responses[0])
+    assert n1.tolist() == [16] and one[0] == pytest.approx(want[0], rel=2e-5)
+
+
 def test_padding_entries_are_dropped_and_batch_size_does_not_matter(llama):
     lm, _ = llama
     prompts, responses = [[1, 2, 3], [4, 5]], [[6, 7, 8, -1, -1], [9, 10]]
@@ -55,3 +69,5 @@ def test_bad_input_is_refused(llama):
         response_nll(lm, [[1, 2]], ["some text"])
     with pytest.raises(ValueError, match="batch_size"):
         response_nll(lm, [[1, 2]], [[3]], batch_size=0)
+    with pytest.raises(ValueError, match="context of 128"):
+        response_nll(lm, [[1] * 60], [[2] * 69])

@@ -90,27 +90,68 @@ def test_bon_variants_equal_their_own_runs(first_run):
     assert summary["methods"]["soft_bon_2"]["same_tokens_as_pool"] is True
 
 
+def _direct_nll(lm, prompt, text):
+    """The target's mean NLL per token of `text` after `prompt`: one unpadded forward, log-softmax in NumPy."""
+    from rss_jax.decoding.common import encode_prompts
+    p = encode_prompts(lm, [prompt])[0]
+    r = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not r:
+        return None
+    logits = np.asarray(lm.logits([p + r]))[0].astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return -np.mean([logp[len(p) + j - 1, t] for j, t in enumerate(r)])
+
+
 def test_fluency_is_the_targets_nll_of_each_response(first_run, tiny):
     """The examples' target NLL per token (read back through the cache, the length-sorted batches and the split per
     artifact and BoN variant) equals a direct forward of the target on each prompt + response, one at a time."""
-    from rss_jax.decoding.common import encode_prompts
     _, _, summary = first_run
-    lm = tiny[0]
     checked = 0
     for name in ("vanilla", "bon_2", "sss_exact", "cards"):
         for ex in summary["methods"][name]["examples"]:
-            p = encode_prompts(lm, [ex["prompt"]])[0]
-            r = lm.tokenizer(ex["text"], add_special_tokens=False)["input_ids"]
-            if not r:
+            want = _direct_nll(tiny[0], ex["prompt"], ex["text"])
+            if want is None:
                 assert ex["target_nll"] is None
                 continue
-            logits = np.asarray(lm.logits([p + r]))[0].astype(np.float64)
-            logp = logits - logits.max(-1, keepdims=True)
-            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-            want = -np.mean([logp[len(p) + j - 1, t] for j, t in enumerate(r)])
             assert ex["target_nll"] == pytest.approx(want, rel=1e-4), name
             checked += 1
     assert checked >= 6
+
+
+def test_fluency_cache_follows_the_texts(first_run, tiny, tmp_path, monkeypatch):
+    """A chunk whose texts changed (one run again) and one whose cache is gone are scored afresh, every response of
+    them matches a direct forward, and nothing else is scored again."""
+    import shutil
+
+    import rss_jax.likelihood
+    s, root, _ = first_run
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    edited = w2s._art_path(str(work), s, "quality", "vanilla", s.chunk)
+    art = json.loads(open(edited).read())
+    art["texts"] = [t + " Wonderful, wonderful day." for t in art["texts"]]
+    w2s._write_json(edited, art)
+    pool = w2s._art_path(str(work), s, "quality", "bon_pool", 0)
+    os.remove(w2s._fluency_path(pool))
+    scored = []
+    real = rss_jax.likelihood.response_nll
+
+    def counting(lm, prompts, responses, **k):
+        scored.extend(responses)
+        return real(lm, prompts, responses, **k)
+    monkeypatch.setattr(rss_jax.likelihood, "response_nll", counting)
+    monkeypatch.setattr(w2s, "run_chunk", lambda *a, **k: pytest.fail("a finished chunk was run again"))
+    w2s.run(s, str(work), str(tmp_path / "s.json"), None, tiny_model=tiny, command="pytest")
+    pool_art = json.loads(open(pool).read())
+    expect = art["texts"] + pool_art["texts"] + sum((v["texts"] for v in pool_art["variants"].values()), [])
+    assert sorted(scored) == sorted(expect)
+    for path, a in ((edited, art), (pool, pool_art)):
+        groups = json.loads(open(w2s._fluency_path(path)).read())["groups"]
+        for name, (prompts, texts) in w2s._fluency_groups(a).items():
+            for p, t, n, c in zip(prompts, texts, groups[name]["nll"], groups[name]["tokens"]):
+                want = _direct_nll(tiny[0], p, t)
+                assert (c == 0 and want is None) or n / c == pytest.approx(want, rel=1e-4), (path, name)
 
 
 def test_rerun_reuses_every_chunk(first_run, tiny, monkeypatch):
@@ -208,6 +249,7 @@ def test_report_has_table_plots_and_examples(first_run):
     for png in ("weak_to_strong_wall.png", "weak_to_strong_forwards.png"):
         assert (root / "docs" / "results" / png).stat().st_size > 1000
     assert "## Example outputs" in md and "SSS exact against vanilla" in md
+    assert "| target NLL |" in md and "Fluency, the target's NLL per response token" in md
     # every table number comes from the JSON: the vanilla row's gold reward is printed from it
     assert f"{summary['methods']['vanilla']['gold_reward_mean']:.3f}" in md
 
