@@ -78,7 +78,9 @@ def markdown(summary: dict, wall_png: str, fw_png: str) -> str:
         "optimises); AFINN (sum of word valences) and TextBlob polarity are for reporting only. **Target NLL** is "
         "the unaligned target's negative log-likelihood per response token at temperature 1 (mean over responses): "
         "a fluency check the reward cannot game. Text the target would write itself scores low; strings of "
-        "positive words that VADER likes score high.",
+        "positive words that VADER likes score high. It depends on the sampling law too: rows drawn with the "
+        "target's top-k filter (vanilla, BoN, SpR, ...) score lower than the unfiltered law of SD, SSS and EFT, so "
+        "compare SSS with SD (the target's own unfiltered law), not with vanilla.",
         f"* **Wall-clock:** seconds per returned token of each method run on the first "
         f"{summary.get('latency_prompts')} prompts one at a time (batch 1: what a user waiting for one answer "
         "sees), the whole call with its host work and reward calls, compiles excluded. \"batched\" is the same "
@@ -167,7 +169,9 @@ def findings(summary: dict) -> list[str]:
     if "vanilla" in nll:
         parts = [f"vanilla {_fmt(nll['vanilla'], 2)} ± {_fmt(m['vanilla']['target_nll_se'], 2)}"]
         if "sss_exact" in nll:
-            parts.append(f"SSS exact {_fmt(nll['sss_exact'], 2)}")
+            parts.append(f"SSS exact {_fmt(nll['sss_exact'], 2)}" + (
+                f" against {m['sd_sft']['label']}'s {_fmt(nll['sd_sft'], 2)} (the target's own law without its top-k "
+                f"filter: {nll['sss_exact'] - nll['sd_sft']:+.2f})" if "sd_sft" in nll else ""))
         hi = sorted((k for k in nll if k != "vanilla"), key=lambda k: -nll[k])[:3]
         if hi:
             parts.append("highest: " + ", ".join(f"{m[k]['label']} {_fmt(nll[k], 2)} ({nll[k] - nll['vanilla']:+.2f})"
