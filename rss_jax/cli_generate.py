@@ -47,6 +47,8 @@ KNOBS = [
     ("--shift", FLOAT, {"sss", "eft"}, "sss/eft: the reward shift lambda (default 1.0)"),
     ("--draft-top-k", POS_INT, {"sd", "sss"}, "sd/sss: top-k filter of the draft's proposal"),
     ("--draft-top-p", number(float, 0, 1, low_open=True), {"sd", "sss"}, "sd/sss: top-p filter of the proposal"),
+    ("--draft-temperature", POS_FLOAT, {"sd", "sss"}, "sd/sss exact: temperature of the proposal (default: "
+     "--temperature's); the output law does not change"),
     ("--n", POS_INT, {"bon", "soft-bon", "spr", "gsi", "rsd", "treebon"}, "bon/soft-bon: samples per prompt "
      "(default 8); spr: initial rows (default 8); gsi: candidate steps (default 16); rsd: drafts per step (default "
      "1); treebon: rows (default 16)"),
@@ -435,7 +437,7 @@ def make_runner(args, lm, draft, sft, reward, knobs, sampling):
     base = dict(max_new_tokens=args.max_new_tokens, chat=False, **sampling)
     if m in ("ar", "sd", "sss", "eft"):
         kw = opt(k=kn.get("k"), shift=kn.get("shift"), draft_top_k=kn.get("draft_top_k"),
-                 draft_top_p=kn.get("draft_top_p"), mode=args.mode)
+                 draft_top_p=kn.get("draft_top_p"), draft_temperature=kn.get("draft_temperature"), mode=args.mode)
         return lambda ids, seed, off: rj.generate(lm, ids, method=m, draft=draft, sft=sft, seed=seed,
                                                   prompt_offset=off, **kw, **base)
     if m in ("bon", "soft-bon"):

@@ -64,7 +64,7 @@ def ar_config(lm, max_new_tokens: int, temperature: float = 1.0, top_k=None, top
 
 def spec_config(lm, method: str, draft, sft=None, k: int = 4, mode: str = "exact", shift: float = 1.0,
                 max_new_tokens: int = 128, temperature: float = 1.0, top_k=None, top_p=None, min_p=None,
-                draft_top_k=None, draft_top_p=None, eos=None) -> SpecConfig:
+                draft_top_k=None, draft_top_p=None, eos=None, draft_temperature=None) -> SpecConfig:
     """The static config of `speculative_decode` ("sd" with `draft`; "sss" and "eft" with the aligned `draft` and
     its `sft`), validated against the models as `rj.generate` validates them."""
     from rss_jax.decoding import MODES
@@ -73,7 +73,8 @@ def spec_config(lm, method: str, draft, sft=None, k: int = 4, mode: str = "exact
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     base = ar_config(lm, max_new_tokens, temperature, top_k, top_p, min_p, eos)
-    return speculative.spec_config(lm, base, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p)
+    return speculative.spec_config(lm, base, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p,
+                                   draft_temperature)
 
 
 def encode(lm, prompts, chat: bool = True) -> list[list[int]]:

@@ -112,12 +112,15 @@ def main():
     ap.add_argument("--v2-sft", default=None, help="distilled v2 draft folder (default: `make drafts`' cache)")
     ap.add_argument("--k", type=int, nargs="*", default=[2, 3, 4, 6])
     ap.add_argument("--sweep-prompts", type=int, default=6)
-    ap.add_argument("--quality-prompts", type=int, default=100)
+    ap.add_argument("--quality-prompts", type=int, default=100, help="0 skips the quality part")
     ap.add_argument("--quality-k", type=int, default=None, help="K of the quality part (default: the sweep's "
                     "fastest SSS K)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--draft-top-k", type=int, default=None)
+    ap.add_argument("--draft-temperature", type=float, nargs="+", default=[None],
+                    help="proposal temperature(s) of SD and SSS exact with the heads (default: --temperature); "
+                    "the sweep runs each, the quality part the first")
     ap.add_argument("--int8", action="store_true", help="also run AR, EFT, SD and SSS of the sweep with the target "
                     "and the heads loaded with quantize='int8' (rows marked int8; 'vs ar' is against float32 AR)")
     ap.add_argument("--costs-only", action="store_true", help="time the step costs (for K in --k) and stop")
@@ -196,15 +199,19 @@ def main():
     if v2 is not None:
         eft2 = run(sweep, "eft", draft=v2[0], sft=v2[1])
         rows.append(dict(method="eft", draft="v2", K=None, **eft2, **{"vs ar": eft2["tok/s"] / ar["tok/s"]}))
+    dts = args.draft_temperature
     for k in args.k:
         for method in ("sd", "sss"):
-            kw = dict(draft=sft, k=k) if method == "sd" else dict(draft=aligned, sft=sft, k=k)
-            r = run(sweep, method, draft_top_k=args.draft_top_k, **kw)
-            row = dict(method=method, draft="heads", K=k, **r, **{"vs ar": r["tok/s"] / ar["tok/s"],
-                                                                 "predicted vs ar": predict(method, k, r["alpha_hat"])})
-            if method == "sss":
-                row["vs eft"] = r["tok/s"] / eft["tok/s"]
-            rows.append(row)
+            for dt in dts:
+                kw = dict(draft=sft, k=k) if method == "sd" else dict(draft=aligned, sft=sft, k=k)
+                r = run(sweep, method, draft_top_k=args.draft_top_k, draft_temperature=dt, **kw)
+                row = dict(method=method, draft="heads", K=k, **r,
+                           **{"vs ar": r["tok/s"] / ar["tok/s"], "predicted vs ar": predict(method, k, r["alpha_hat"])})
+                if dt is not None:
+                    row["draft T"] = dt
+                if method == "sss":
+                    row["vs eft"] = r["tok/s"] / eft["tok/s"]
+                rows.append(row)
             if v2 is not None:
                 kw2 = dict(draft=v2[1], k=k) if method == "sd" else dict(draft=v2[0], sft=v2[1], k=k)
                 r2 = run(sweep, method, draft_top_k=args.draft_top_k, **kw2)
@@ -212,8 +219,8 @@ def main():
                 if method == "sss":
                     row2["vs eft"] = r2["tok/s"] / eft2["tok/s"]
                 rows.append(row2)
-        print(table([{k2: v for k2, v in r.items() if k2 not in ("vader_all", "alpha_i")} for r in rows[-2:]]),
-              flush=True)
+        print(table([{k2: v for k2, v in r.items() if k2 not in ("vader_all", "alpha_i")}
+                     for r in rows[-2 * (len(dts) + (v2 is not None)):]]), flush=True)
     for r in rows:
         r["weights"] = "float32"
     if args.int8:  # the same sweep with int8 weights (target and heads), against the float32 rows above
@@ -236,27 +243,36 @@ def main():
                 rows.append(row)
             print(table([{k2: v for k2, v in r.items() if k2 not in ("vader_all", "alpha_i")} for r in rows[-2:]]),
                   flush=True)
-    cols = ["method", "draft", "weights", "K", "tok/s", "vs ar", "vs ar int8", "predicted vs ar", "vs eft",
+    cols = ["method", "draft", "draft T", "weights", "K", "tok/s", "vs ar", "vs ar int8", "predicted vs ar", "vs eft",
             "alpha_hat", "alpha_i", "tokens/target call", "VADER"]
     title = (f"K sweep: batch 1, {len(sweep)} held-out prompts, {args.new_tokens} new tokens, T={args.temperature}, "
              f"no EOS stop, float32 (and int8 rows with --int8); c = {c:.3f}; {machine()}")
     print()
     print(table([{k2: (str(v) if k2 == "alpha_i" else v) for k2, v in r.items()} for r in rows], cols, title=title))
 
+    if args.quality_prompts <= 0:
+        for r in rows:
+            r.pop("vader_all", None)
+        write_json(args.out, {"machine": machine(), "command": " ".join(sys.argv), "sft_head": sft.source,
+                              "aligned_head": aligned.source, "v2": [m.source for m in v2] if v2 else None,
+                              "step_costs_ms": costs, "c": c, "sweep": rows, "total_s": time.time() - t_start})
+        return
     # quality: the fastest SSS K of the sweep unless given
-    sss_rows = [r for r in rows if r["method"] == "sss" and r["draft"] == "heads" and r["weights"] == "float32"]
+    first = [r for r in rows if r["draft"] == "heads" and r["weights"] == "float32" and r.get("draft T") == dts[0]]
+    sss_rows = [r for r in first if r["method"] == "sss"]
     qk = args.quality_k or max(sss_rows, key=lambda r: r["tok/s"])["K"]
-    sd_rows = [r for r in rows if r["method"] == "sd" and r["draft"] == "heads" and r["weights"] == "float32"]
+    sd_rows = [r for r in first if r["method"] == "sd"]
     qk_sd = max(sd_rows, key=lambda r: r["tok/s"])["K"]
     qp = prompts[:args.quality_prompts]
     quality = []
     q_ar = run(qp, "ar", seed0=1000)
     quality.append(dict(method="ar", K=None, **q_ar, **{"vs ar": 1.0}))
-    q_sd = run(qp, "sd", seed0=1000, draft=sft, k=qk_sd, draft_top_k=args.draft_top_k)
+    q_sd = run(qp, "sd", seed0=1000, draft=sft, k=qk_sd, draft_top_k=args.draft_top_k, draft_temperature=dts[0])
     quality.append(dict(method="sd", K=qk_sd, **q_sd, **{"vs ar": q_sd["tok/s"] / q_ar["tok/s"]}))
     q_eft = run(qp, "eft", seed0=1000, draft=aligned, sft=sft)
     quality.append(dict(method="eft", K=None, **q_eft, **{"vs ar": q_eft["tok/s"] / q_ar["tok/s"]}))
-    q_sss = run(qp, "sss", seed0=1000, draft=aligned, sft=sft, k=qk, draft_top_k=args.draft_top_k)
+    q_sss = run(qp, "sss", seed0=1000, draft=aligned, sft=sft, k=qk, draft_top_k=args.draft_top_k,
+                draft_temperature=dts[0])
     quality.append(dict(method="sss", K=qk, **q_sss, **{"vs ar": q_sss["tok/s"] / q_ar["tok/s"],
                                                         "vs eft": q_sss["tok/s"] / q_eft["tok/s"]}))
     gap = q_sss["VADER"] - q_ar["VADER"]

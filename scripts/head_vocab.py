@@ -6,7 +6,9 @@ train_heads.py does. D grows by the most frequent tokens of the training respons
 it yet; the last size may be the full vocabulary (--full). --eval-files names the sample files to measure on (in
 --data; features are computed once and cached beside them, as train_heads.py does): the held-out topics by default,
 or e.g. training responses, or fresh responses to training prompts (scripts/sample_target.py), to tell a gap of
-topics from one of memorised samples.
+topics from one of memorised samples. --draft-temperatures scores the proposal at other temperatures (the
+engine's draft_temperature; the target stays at --temperature): a head that is over- or under-confident accepts
+more with a hotter or cooler proposal.
 
     .venv/bin/python scripts/head_vocab.py --sizes 8192 12288 16384 --out results/head_vocab.json
 """
@@ -41,6 +43,8 @@ def main():
     p.add_argument("--full", action="store_true", help="also score over the whole vocabulary")
     p.add_argument("--steps", type=int, default=3, help="drafting offsets to measure")
     p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--draft-temperatures", nargs="+", type=float, default=[None],
+                   help="proposal temperatures to score (default: --temperature's)")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "head_vocab.json"))
     a = p.parse_args()
 
@@ -85,13 +89,17 @@ def main():
     for spec, ev in sets.items():
         held = np.concatenate([ev.tokens[i, ev.prompt_lens[i]: ev.lengths[i]] for i in range(len(ev))])
         for size, (scored, ids) in wide.items():
-            t0 = time.perf_counter()
-            alpha = th.evaluate_acceptance(lm, scored, ev, steps=a.steps, temperature=a.temperature)
-            cover = float(np.isin(held, ids).mean())
-            rows.append(dict(samples=spec, responses=len(ev), asked=size, vocab=len(ids), eval_token_coverage=cover,
-                             alpha=alpha, seconds=time.perf_counter() - t0))
-            print(f"{spec:>22s} {len(ev):4d} {size:7d} {len(ids):7d} {cover:8.3f} "
-                  + " ".join(f"{x:7.4f}" for x in alpha), flush=True)
+            for dt in a.draft_temperatures:
+                t0 = time.perf_counter()
+                alpha = th.evaluate_acceptance(lm, scored, ev, steps=a.steps, temperature=a.temperature,
+                                               draft_temperature=dt)
+                cover = float(np.isin(held, ids).mean())
+                rows.append(dict(samples=spec, responses=len(ev), asked=size, vocab=len(ids),
+                                 draft_temperature=a.temperature if dt is None else dt, eval_token_coverage=cover,
+                                 alpha=alpha, seconds=time.perf_counter() - t0))
+                print(f"{spec:>22s} {len(ev):4d} {size:7d} {len(ids):7d} {cover:8.3f} "
+                      + (f"draft T {dt:.3f} " if dt is not None else "")
+                      + " ".join(f"{x:7.4f}" for x in alpha), flush=True)
     write_json(a.out, dict(head=a.head, trained_vocab=len(base), train_files=a.train_files, rows=rows,
                            command="python scripts/head_vocab.py " + " ".join(sys.argv[1:])))
     print(f"wrote {a.out}")

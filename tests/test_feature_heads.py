@@ -201,13 +201,14 @@ def _check_offsets(stats, k):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k,draft_top_k", [(1, None), (2, None), (3, 6)])
-def test_sd_with_head_samples_the_target_law(models, laws, k, draft_top_k):
-    """The target's own law softmax(l_ref / T) for every K (draft_top_k filters only the proposal)."""
+@pytest.mark.parametrize("k,draft_top_k,draft_t", [(1, None, None), (2, None, None), (3, 6, 0.5)])
+def test_sd_with_head_samples_the_target_law(models, laws, k, draft_top_k, draft_t):
+    """The target's own law softmax(l_ref / T) for every K (draft_top_k and draft_temperature change only the
+    proposal)."""
     lm, _, _, proposal = models
     law = laws["sd"]
     out = rj.generate(lm, [PROMPT] * N, method="sd", draft=proposal, k=k, max_new_tokens=3, temperature=SD_T,
-                      eos=[], seed=31 + k, draft_top_k=draft_top_k)
+                      eos=[], seed=31 + k, draft_top_k=draft_top_k, draft_temperature=draft_t)
     _check_law(out, law)
     s = out.stats
     assert s["feature_heads"] and 0.05 < s["acceptance_rate"] < 0.95
@@ -223,8 +224,9 @@ def test_sss_exact_and_eft_with_heads_sample_p_tilde(models, laws, method, k):
     true features; the same for every K and for EFT (K = 0)."""
     lm, aligned, sft, _ = models
     law = laws["p_tilde"]
+    # K 3 also samples its proposal at another temperature: p~ (from the heads at T 1) must not move
     out = rj.generate(lm, [PROMPT] * N, method=method, draft=aligned, sft=sft, k=max(k, 1), max_new_tokens=3,
-                      temperature=1.0, eos=[], seed=41 + k)
+                      temperature=1.0, eos=[], seed=41 + k, draft_temperature=0.6 if k == 3 else None)
     _check_law(out, law)
     assert set(np.unique(out.tokens).tolist()) <= set(D_R)
     if method == "sss":

@@ -72,7 +72,7 @@ def test_ttt_forward_equals_cached_decode(tiny):
     assert worst < 1e-4
 
 
-def _numpy_alpha(tiny, head, fs, steps):
+def _numpy_alpha(tiny, head, fs, steps, draft_temperature=0.8):
     """Sum_v min(p, q_i) recomputed with NumPy from uncached forwards and an explicit fed-back loop."""
     emb, rows = th.target_tables(tiny, head)
     hm = head.module
@@ -96,7 +96,7 @@ def _numpy_alpha(tiny, head, fs, steps):
                 if j > 1:
                     lg, a, cache = hm(a, toks[:, slot + 1:slot + 2], emb, rows, cache=cache,
                                       lengths=jnp.full((1,), slot, jnp.int32))
-                q = np.asarray(jax.nn.softmax(lg[0, 0] / 0.8), np.float64)
+                q = np.asarray(jax.nn.softmax(lg[0, 0] / draft_temperature), np.float64)
                 sums[j - 1] += np.minimum(p_full[slot + 1][ids], q).sum()
                 counts[j - 1] += 1
     return sums / counts
@@ -108,6 +108,10 @@ def test_closed_form_acceptance_matches_numpy(tiny, records):
     got = th.evaluate_acceptance(tiny, head, fs, steps=3, temperature=0.8, batch_size=4)
     want = _numpy_alpha(tiny, head, fs, 3)
     np.testing.assert_allclose(got, want, atol=2e-3)
+    # a proposal at another temperature (the engine's draft_temperature): only q changes
+    sharp = th.evaluate_acceptance(tiny, head, fs, steps=3, temperature=0.8, batch_size=4, draft_temperature=0.5)
+    np.testing.assert_allclose(sharp, _numpy_alpha(tiny, head, fs, 3, draft_temperature=0.5), atol=2e-3)
+    assert np.abs(np.asarray(sharp) - np.asarray(got)).max() > 0.01
 
 
 def test_feature_sets_concatenate_row_for_row(tiny, records):

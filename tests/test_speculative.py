@@ -84,11 +84,12 @@ def _check_two_token_law(out, first, second):
     assert np.all(np.abs(freq - joint) <= tol), np.abs(freq - joint).max()
 
 
-@pytest.mark.parametrize("method,mode,draft_top_k", [("sd", "exact", None), ("sss", "exact", None),
-                                                     ("sss", "paper", None), ("eft", "exact", None),
-                                                     ("sd", "exact", 3), ("sss", "exact", 3)])
-def test_engine_two_token_law(trio, method, mode, draft_top_k):
-    """draft_top_k filters only the proposal (docs/algorithms.md §2.6): the output law must not change."""
+@pytest.mark.parametrize("method,mode,draft_top_k,draft_t", [("sd", "exact", None, None), ("sss", "exact", None, None),
+                                                             ("sss", "paper", None, None), ("eft", "exact", None, None),
+                                                             ("sd", "exact", 3, 0.6), ("sss", "exact", 3, 1.7)])
+def test_engine_two_token_law(trio, method, mode, draft_top_k, draft_t):
+    """draft_top_k and draft_temperature change only the proposal (docs/algorithms.md §2.6): the output law must
+    not change."""
     target, draft, sft = trio
     if method == "sd":
         first, second = _laws(trio, lambda lt, ld, ls: _softmax(lt))
@@ -97,7 +98,8 @@ def test_engine_two_token_law(trio, method, mode, draft_top_k):
     else:
         first, second = _laws(trio, _exact_sss)
     out = rj.generate(target, [PROMPT] * N, method=method, draft=draft, sft=sft, k=3, mode=mode,
-                      max_new_tokens=2, temperature=1.0, eos=[], seed=11, draft_top_k=draft_top_k)
+                      max_new_tokens=2, temperature=1.0, eos=[], seed=11, draft_top_k=draft_top_k,
+                      draft_temperature=draft_t)
     _check_two_token_law(out, first, second)
     if method != "eft":
         assert 0.0 < out.stats["acceptance_rate"] < 1.0
@@ -251,6 +253,10 @@ def test_vocabulary_mismatch_and_bad_args(trio):
         rj.generate(target, [PROMPT], method="sss", draft=draft, sft=sft, mode="fast")
     with pytest.raises(ValueError, match="k .* must be an integer >= 1"):
         rj.generate(target, [PROMPT], method="sd", draft=draft, k=0)
+    with pytest.raises(ValueError, match="draft_temperature must be a number > 0"):
+        rj.generate(target, [PROMPT], method="sd", draft=draft, draft_temperature=0.0)
+    with pytest.raises(ValueError, match="SSS mode 'paper' assumes the drafts come from pi_r"):
+        rj.generate(target, [PROMPT], method="sss", draft=draft, sft=sft, mode="paper", draft_temperature=0.7)
 
 
 def _exact_marginal(trio, combine, steps):

@@ -236,6 +236,7 @@ class HeadTrainSpec:
     beta: float = 0.1
     consistency: float = 1.0  # dpo: weight of KL(sg(q_1) || q_j), j >= 2
     feature_noise: float = 0.0  # distill: uniform noise on the taps, this fraction of each tap vector's RMS
+    proposal_temperature: float | None = None  # the alpha metric's proposal temperature (None: `temperature`)
 
 
 def noisy_taps(taps, key, scale: float):
@@ -260,7 +261,10 @@ def _distill_loss(spec: HeadTrainSpec, params, batch, embed_table, out_rows):
     for j, (lg, m) in enumerate(zip(logits, masks)):
         logq = jax.nn.log_softmax(lg / spec.temperature, axis=-1)
         kl = xlogx - jnp.sum(p * logq, axis=-1)  # KL(p || q) over D (p's mass outside D only adds a constant)
-        alpha = jnp.sum(jnp.minimum(p, jnp.exp(logq)), axis=-1)
+        q = jnp.exp(logq)
+        if spec.proposal_temperature is not None:  # the engine's draft_temperature: only the proposal changes
+            q = jax.nn.softmax(lg / spec.proposal_temperature, axis=-1)
+        alpha = jnp.sum(jnp.minimum(p, q), axis=-1)
         n = jnp.maximum(m.sum(), 1.0)
         loss_j = jnp.sum(kl * m) / n + spec.tv_weight * jnp.sum((1.0 - alpha) * m) / n
         total = total + (spec.step_decay ** j / wsum) * loss_j
@@ -374,12 +378,15 @@ def _make_step(spec: HeadTrainSpec, opt):
 
 
 def evaluate_acceptance(target, head: FeatureDraft, fs: FeatureSet, steps: int = 4, temperature: float = 0.8,
-                        batch_size: int = 16) -> list[float]:
+                        batch_size: int = 16, draft_temperature: float | None = None) -> list[float]:
     """Closed-form per-offset acceptance alpha_i = mean over response positions of sum_v min(q_i, p) (p: the
     target's tempered distribution, including its mass outside D; q_i: the head's drafting step i, true features
-    for i = 1, its own fed-back features after), i = 1..steps."""
+    for i = 1, its own fed-back features after, at `draft_temperature`, default `temperature`), i = 1..steps."""
+    if draft_temperature is not None and not draft_temperature > 0:
+        raise ValueError(f"draft_temperature must be > 0, got {draft_temperature!r}")
     embed, rows = target_tables(target, head)
-    spec = HeadTrainSpec(graphdef=head.graphdef, steps=steps, temperature=temperature)
+    spec = HeadTrainSpec(graphdef=head.graphdef, steps=steps, temperature=temperature,
+                         proposal_temperature=None if draft_temperature is None else float(draft_temperature))
     sums, counts = np.zeros(steps), np.zeros(steps)
     for s in range(0, len(fs), batch_size):
         idx = np.arange(s, min(s + batch_size, len(fs)))

@@ -11,7 +11,7 @@ MODES = ("exact", "paper", "authors_code")
 
 def generate(lm, prompts, method="ar", draft=None, sft=None, k=4, mode="exact", shift=1.0, max_new_tokens=128,
              temperature=1.0, top_k=None, top_p=None, min_p=None, draft_top_k=None, draft_top_p=None, eos=None,
-             seed=0, chat=True, prompt_offset=0) -> GenerateOutput:
+             seed=0, chat=True, prompt_offset=0, draft_temperature=None) -> GenerateOutput:
     """Generate continuations of `prompts` (strings, chat template applied when chat=True, or lists of token ids).
 
     method: "ar" (plain decoding of lm), "sd" (speculative decoding with `draft`), "sss" (reward-shifted speculative
@@ -19,6 +19,9 @@ def generate(lm, prompts, method="ar", draft=None, sft=None, k=4, mode="exact", 
     "eft" (product-of-experts decoding of the same distribution as exact sss, no speculation).
     Drafts are separate models or feature-draft heads (`rss_jax.heads.FeatureDraft`, made for `lm`; for sss/eft both
     drafts must be heads or both models; prompts of at least 2 tokens).
+    draft_top_k, draft_top_p, draft_temperature (sd, and sss exact): filter or re-temper only the proposal the drafts
+    are sampled from; the output law stays the target's (sd) or p~ (sss). A proposal a little sharper than the
+    target (draft_temperature below temperature) can raise acceptance when the draft is under-confident.
     prompt_offset: prompt b samples with the keys of row prompt_offset + b, so a long list decoded in chunks (each
     with offset = its start) gives the same tokens as one call.
     Returns texts, tokens [B, max_new_tokens] (-1 after each row's length; a final EOS is included), lengths, stats.
@@ -41,7 +44,8 @@ def generate(lm, prompts, method="ar", draft=None, sft=None, k=4, mode="exact", 
     from rss_jax.decoding import speculative
     return speculative.generate_speculative(lm, prompt_ids, cfg, method=method, draft=draft, sft=sft, k=k,
                                             mode=mode, shift=shift, draft_top_k=draft_top_k,
-                                            draft_top_p=draft_top_p, seed=seed, prompt_offset=prompt_offset)
+                                            draft_top_p=draft_top_p, seed=seed, prompt_offset=prompt_offset,
+                                            draft_temperature=draft_temperature)
 
 
 __all__ = ["generate", "GenerateOutput", "SamplerConfig", "METHODS", "MODES"]

@@ -71,9 +71,15 @@ class SpecConfig:
     draft_top_p: float | None
     eos: tuple
     vocab: int
+    draft_temperature: float | None = None  # the proposal's temperature (None: the target's)
     # test-only: put the drafting-time (fed-back) head logits into p~ instead of the true-feature re-run's, the
     # wrong rule that tests/test_feature_heads.py shows the law check catches; never set it otherwise
     drafting_pi_r: bool = False
+
+    @property
+    def proposal_temperature(self) -> float:
+        """The temperature the drafts are sampled at, and so the one q is computed with."""
+        return self.temperature if self.draft_temperature is None else self.draft_temperature
 
     @property
     def three_models(self) -> bool:
@@ -163,7 +169,8 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
         # 1. draft K tokens
         def sample_draft(j, logits_j):
             step_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 2 + j))(keys)
-            return sampling.sample_rows(step_keys, logits_j, cfg.temperature, cfg.draft_top_k, cfg.draft_top_p)
+            return sampling.sample_rows(step_keys, logits_j, cfg.proposal_temperature, cfg.draft_top_k,
+                                        cfg.draft_top_p)
 
         def draft_step(dc, j):
             c_d, x = dc
@@ -210,7 +217,7 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
             (c_d, _), (l_rest, d_rest) = jax.lax.scan(draft_step, (c_d, d1), jnp.arange(1, k))
             l_d = jnp.concatenate([l0[:, None], jnp.swapaxes(l_rest, 0, 1)], axis=1)  # [B, K, V]
             drafts = jnp.concatenate([d1[:, None], jnp.swapaxes(d_rest, 0, 1)], axis=1)  # [B, K]
-        q = sampling.probs_from_logits(l_d[:, :k], cfg.temperature, cfg.draft_top_k, cfg.draft_top_p)
+        q = sampling.probs_from_logits(l_d[:, :k], cfg.proposal_temperature, cfg.draft_top_k, cfg.draft_top_p)
         fed = jnp.concatenate([pending[:, None], drafts], axis=1)  # [B, K+1]
 
         # 2. verify in one cached forward per verifier
@@ -375,12 +382,23 @@ def pooled_stats(outputs) -> dict:
             float("nan")}
 
 
-def spec_config(lm, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p) -> SpecConfig:
+def spec_config(lm, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p,
+                draft_temperature=None) -> SpecConfig:
     """The validated static config of `spec_loop` for target `lm`, its `draft` (and `sft` for sss/eft)."""
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k (draft tokens per block) must be an integer >= 1, got {k!r}")
     if draft_top_k is not None or draft_top_p is not None:
         sampling.validate_sampling_args(1.0, draft_top_k, draft_top_p, None)
+    if draft_temperature is not None:
+        if isinstance(draft_temperature, bool) or not isinstance(draft_temperature, (int, float, np.number)) \
+                or not draft_temperature > 0:
+            raise ValueError(f"draft_temperature must be a number > 0 (None: the target's temperature), got "
+                             f"{draft_temperature!r}")
+        if method == "sss" and mode != "exact":
+            raise ValueError(f"draft_temperature changes the proposal, and SSS mode {mode!r} assumes the drafts "
+                             "come from pi_r at the target's temperature (its rule never reads q); use mode='exact', "
+                             "or leave draft_temperature at None")
+        draft_temperature = float(draft_temperature)
     three = method in ("sss", "eft")
     _check_heads(lm, None, draft, sft if three else None, three)
     vocab = _check_pair(lm, draft, "draft")
@@ -392,13 +410,13 @@ def spec_config(lm, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, d
     cfg = SpecConfig(method=method, k=int(k), mode=mode if method == "sss" else "exact", shift=float(shift),
                      max_new_tokens=base_cfg.max_new_tokens, temperature=base_cfg.temperature, top_k=base_cfg.top_k,
                      top_p=base_cfg.top_p, min_p=base_cfg.min_p, draft_top_k=draft_top_k, draft_top_p=draft_top_p,
-                     eos=base_cfg.eos, vocab=vocab)
+                     eos=base_cfg.eos, vocab=vocab, draft_temperature=draft_temperature)
     return cfg
 
 
 def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p,
-                         seed, prompt_offset=0):
-    cfg = spec_config(lm, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p)
+                         seed, prompt_offset=0, draft_temperature=None):
+    cfg = spec_config(lm, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p, draft_temperature)
     _check_heads(lm, prompt_ids, draft, sft if cfg.three_models else None, cfg.three_models)
     for m in (lm, draft, sft if cfg.three_models else None):
         if m is not None:
