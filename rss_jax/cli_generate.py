@@ -178,6 +178,10 @@ def method_settings(args) -> tuple[dict, dict]:
         raise CLIError(f"--mode {args.mode} is not a mode of --method {method}",
                        f"choose one of {', '.join(modes)}" if modes else f"drop --mode (--method {method} has one "
                        "mode; modes: sss exact|paper|authors_code, args/cards/rs/treebon paper|authors_code)")
+    if method == "sss" and "draft_temperature" in knobs and args.mode not in (None, "exact"):
+        raise CLIError(f"--draft-temperature needs --mode exact (--mode {args.mode} assumes the drafts come from "
+                       "the aligned draft at --temperature and never reads the proposal)",
+                       "drop --draft-temperature, or use --mode exact")
     if method in ("cards", "rs") and "tau_r" not in knobs:
         raise CLIError(f"--method {method} needs --tau-r, the reward threshold", "give one on the reward's scale, "
                        "e.g. --tau-r 0.5 for VADER (in [-1, 1])")

@@ -235,9 +235,11 @@ def main():
         for k in args.k:
             for method in ("sd", "sss"):
                 kw = dict(draft=sft8, k=k) if method == "sd" else dict(draft=aligned8, sft=sft8, k=k)
-                r = run(sweep, method, target=lm8, draft_top_k=args.draft_top_k, **kw)
+                r = run(sweep, method, target=lm8, draft_top_k=args.draft_top_k, draft_temperature=dts[0], **kw)
                 row = dict(method=method, draft="heads", K=k, weights="int8", **r,
                            **{"vs ar": r["tok/s"] / ar["tok/s"], "vs ar int8": r["tok/s"] / ar8["tok/s"]})
+                if dts[0] is not None:
+                    row["draft T"] = dts[0]
                 if method == "sss":
                     row["vs eft"] = r["tok/s"] / eft8["tok/s"]
                 rows.append(row)
@@ -269,16 +271,20 @@ def main():
     quality.append(dict(method="ar", K=None, **q_ar, **{"vs ar": 1.0}))
     q_sd = run(qp, "sd", seed0=1000, draft=sft, k=qk_sd, draft_top_k=args.draft_top_k, draft_temperature=dts[0])
     quality.append(dict(method="sd", K=qk_sd, **q_sd, **{"vs ar": q_sd["tok/s"] / q_ar["tok/s"]}))
+    if dts[0] is not None:
+        quality[-1]["draft T"] = dts[0]
     q_eft = run(qp, "eft", seed0=1000, draft=aligned, sft=sft)
     quality.append(dict(method="eft", K=None, **q_eft, **{"vs ar": q_eft["tok/s"] / q_ar["tok/s"]}))
     q_sss = run(qp, "sss", seed0=1000, draft=aligned, sft=sft, k=qk, draft_top_k=args.draft_top_k,
                 draft_temperature=dts[0])
     quality.append(dict(method="sss", K=qk, **q_sss, **{"vs ar": q_sss["tok/s"] / q_ar["tok/s"],
                                                         "vs eft": q_sss["tok/s"] / q_eft["tok/s"]}))
+    if dts[0] is not None:
+        quality[-1]["draft T"] = dts[0]
     gap = q_sss["VADER"] - q_ar["VADER"]
     gap_se = math.sqrt(q_sss["VADER se"] ** 2 + q_ar["VADER se"] ** 2)
-    qcols = ["method", "K", "tok/s", "vs ar", "vs eft", "alpha_hat", "alpha_i", "tokens/target call", "VADER",
-             "VADER se"]
+    qcols = ["method", "K", "draft T", "tok/s", "vs ar", "vs eft", "alpha_hat", "alpha_i", "tokens/target call",
+             "VADER", "VADER se"]
     qtitle = (f"quality: batch 1, {len(qp)} held-out prompts, {args.new_tokens} new tokens, T={args.temperature}, "
               f"no EOS stop; SSS - AR VADER = {gap:.3f} ({gap / gap_se:.1f} standard errors)")
     print()

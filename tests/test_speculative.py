@@ -105,6 +105,34 @@ def test_engine_two_token_law(trio, method, mode, draft_top_k, draft_t):
         assert 0.0 < out.stats["acceptance_rate"] < 1.0
 
 
+def test_draft_temperature_moves_the_proposal_and_a_mismatched_q_is_caught(trio, monkeypatch):
+    """draft_temperature reaches the loop (acceptance moves with it; engine.spec_config carries it; the target's T,
+    and EFT, which drafts nothing, fold to the default), and drafts sampled at another temperature than the q in
+    min(1, p/q) sample a wrong law that the same check rejects."""
+    from rss_jax import engine
+    from rss_jax.decoding import speculative
+    target, draft, sft = trio
+    first, second = _laws(trio, lambda lt, ld, ls: _softmax(lt))
+    kw = dict(method="sd", draft=draft, k=2, max_new_tokens=2, temperature=1.0, eos=[], seed=13)
+    plain = rj.generate(target, [PROMPT] * N, **kw)
+    cool = rj.generate(target, [PROMPT] * N, draft_temperature=0.4, **kw)
+    _check_two_token_law(cool, first, second)
+    assert abs(cool.stats["acceptance_rate"] - plain.stats["acceptance_rate"]) > 0.02
+    assert engine.spec_config(target, "sd", draft, draft_temperature=0.4).proposal_temperature == 0.4
+    assert engine.spec_config(target, "sd", draft, temperature=0.7, draft_temperature=0.7).draft_temperature is None
+    assert engine.spec_config(target, "eft", draft, sft, draft_temperature=0.4).draft_temperature is None
+    with pytest.raises(ValueError, match="finite number > 0"):
+        engine.spec_config(target, "sd", draft, draft_temperature=float("inf"))
+    # the wrong rule: drafts drawn at the target's T while q is computed at draft_temperature (another config than
+    # above, so the patched sampler is compiled in)
+    real = speculative.sampling.sample_rows
+    monkeypatch.setattr(speculative.sampling, "sample_rows",
+                        lambda keys, logits, temperature, *a: real(keys, logits, 1.0, *a))
+    wrong = rj.generate(target, [PROMPT] * N, draft_temperature=0.3, **kw)
+    with pytest.raises(AssertionError):
+        _check_two_token_law(wrong, first, second)
+
+
 KEEP = [0, 2, 3, 5, 6]  # a trimmed draft vocabulary (0 is the EOS id and would be added anyway)
 
 
@@ -253,7 +281,7 @@ def test_vocabulary_mismatch_and_bad_args(trio):
         rj.generate(target, [PROMPT], method="sss", draft=draft, sft=sft, mode="fast")
     with pytest.raises(ValueError, match="k .* must be an integer >= 1"):
         rj.generate(target, [PROMPT], method="sd", draft=draft, k=0)
-    with pytest.raises(ValueError, match="draft_temperature must be a number > 0"):
+    with pytest.raises(ValueError, match="draft_temperature must be a finite number > 0"):
         rj.generate(target, [PROMPT], method="sd", draft=draft, draft_temperature=0.0)
     with pytest.raises(ValueError, match="SSS mode 'paper' assumes the drafts come from pi_r"):
         rj.generate(target, [PROMPT], method="sss", draft=draft, sft=sft, mode="paper", draft_temperature=0.7)

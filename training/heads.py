@@ -236,7 +236,8 @@ class HeadTrainSpec:
     beta: float = 0.1
     consistency: float = 1.0  # dpo: weight of KL(sg(q_1) || q_j), j >= 2
     feature_noise: float = 0.0  # distill: uniform noise on the taps, this fraction of each tap vector's RMS
-    proposal_temperature: float | None = None  # the alpha metric's proposal temperature (None: `temperature`)
+    proposal_temperature: float | None = None  # the alpha metric's proposal temperature (None: `temperature`);
+    # the loss, TV term included, always uses `temperature`
 
 
 def noisy_taps(taps, key, scale: float):
@@ -261,13 +262,12 @@ def _distill_loss(spec: HeadTrainSpec, params, batch, embed_table, out_rows):
     for j, (lg, m) in enumerate(zip(logits, masks)):
         logq = jax.nn.log_softmax(lg / spec.temperature, axis=-1)
         kl = xlogx - jnp.sum(p * logq, axis=-1)  # KL(p || q) over D (p's mass outside D only adds a constant)
-        q = jnp.exp(logq)
-        if spec.proposal_temperature is not None:  # the engine's draft_temperature: only the proposal changes
-            q = jax.nn.softmax(lg / spec.proposal_temperature, axis=-1)
-        alpha = jnp.sum(jnp.minimum(p, q), axis=-1)
+        alpha = jnp.sum(jnp.minimum(p, jnp.exp(logq)), axis=-1)
         n = jnp.maximum(m.sum(), 1.0)
         loss_j = jnp.sum(kl * m) / n + spec.tv_weight * jnp.sum((1.0 - alpha) * m) / n
         total = total + (spec.step_decay ** j / wsum) * loss_j
+        if spec.proposal_temperature is not None:  # the metric of a proposal at the engine's draft_temperature
+            alpha = jnp.sum(jnp.minimum(p, jax.nn.softmax(lg / spec.proposal_temperature, axis=-1)), axis=-1)
         metrics[f"kl_{j + 1}"] = jnp.sum(kl * m) / n
         metrics[f"alpha_{j + 1}"] = jnp.sum(alpha * m) / n
     metrics["loss"] = total
@@ -382,8 +382,8 @@ def evaluate_acceptance(target, head: FeatureDraft, fs: FeatureSet, steps: int =
     """Closed-form per-offset acceptance alpha_i = mean over response positions of sum_v min(q_i, p) (p: the
     target's tempered distribution, including its mass outside D; q_i: the head's drafting step i, true features
     for i = 1, its own fed-back features after, at `draft_temperature`, default `temperature`), i = 1..steps."""
-    if draft_temperature is not None and not draft_temperature > 0:
-        raise ValueError(f"draft_temperature must be > 0, got {draft_temperature!r}")
+    if draft_temperature is not None and not (draft_temperature > 0 and math.isfinite(draft_temperature)):
+        raise ValueError(f"draft_temperature must be a finite number > 0, got {draft_temperature!r}")
     embed, rows = target_tables(target, head)
     spec = HeadTrainSpec(graphdef=head.graphdef, steps=steps, temperature=temperature,
                          proposal_temperature=None if draft_temperature is None else float(draft_temperature))
