@@ -127,6 +127,12 @@ def markdown(summary: dict, wall_png: str, fw_png: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _signed(x, nd=2) -> str:
+    """x with its sign, and no "-0.00" for a difference that rounds to zero."""
+    text = f"{x:+.{nd}f}"
+    return "+" + text[1:] if float(text) == 0 else text
+
+
 def _ratio(a, b):
     return a / b if b else float("nan")
 
@@ -171,10 +177,10 @@ def findings(summary: dict) -> list[str]:
         if "sss_exact" in nll:
             parts.append(f"SSS exact {_fmt(nll['sss_exact'], 2)}" + (
                 f" against {m['sd_sft']['label']}'s {_fmt(nll['sd_sft'], 2)} (the target's own law without its top-k "
-                f"filter: {nll['sss_exact'] - nll['sd_sft']:+.2f})" if "sd_sft" in nll else ""))
+                f"filter: {_signed(nll['sss_exact'] - nll['sd_sft'])})" if "sd_sft" in nll else ""))
         hi = sorted((k for k in nll if k != "vanilla"), key=lambda k: -nll[k])[:3]
         if hi:
-            parts.append("highest: " + ", ".join(f"{m[k]['label']} {_fmt(nll[k], 2)} ({nll[k] - nll['vanilla']:+.2f})"
+            parts.append("highest: " + ", ".join(f"{m[k]['label']} {_fmt(nll[k], 2)} ({_signed(nll[k] - nll['vanilla'])})"
                                                  for k in hi))
         out.append("* Fluency, the target's NLL per response token (lower reads more like the target's own text): "
                    + "; ".join(parts) + ".")
