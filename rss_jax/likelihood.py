@@ -13,26 +13,31 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rss_jax.decoding.common import encode_prompts
+from rss_jax.decoding.common import encode_prompts, is_single_prompt
+
+
+def token_logps(logits, tokens):
+    """log p(tokens[:, t] | tokens[:, :t]) for t >= 1: logits [B, T, V], tokens [B, T] -> [B, T-1] float32."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def sequence_logps(logits, tokens, loss_mask):
+    """Summed log-prob of the response tokens of each row (loss_mask[b, t] = 1 when token t is scored): [B, T, V],
+    [B, T], [B, T] -> [B] float32. Unscored positions are dropped with a select, not a product: their log-probs may
+    be -inf (a token outside a trimmed head) or NaN (padding past a learned position table), and 0 * inf = NaN."""
+    return jnp.sum(jnp.where(loss_mask[:, 1:] > 0, token_logps(logits, tokens), 0.0), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _token_nll(graphdef, state, tokens, mask):
-    """tokens [B, T], mask [B, T] (1 where tokens[t] is a scored response token) -> summed NLL per row [B].
-    Unscored positions are dropped with a select, not a product: their log-probs may be -inf (a token outside a
-    trimmed head) or NaN (padding past a learned position table), and 0 * inf would poison the sum."""
-    logits = nnx.merge(graphdef, state)(tokens)[0][:, :-1].astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - picked
-    return jnp.where(mask[:, 1:] > 0, nll, 0.0).sum(axis=1)
+    """tokens [B, T], mask [B, T] (1 where tokens[t] is a scored response token) -> summed NLL per row [B]."""
+    return -sequence_logps(nnx.merge(graphdef, state)(tokens)[0], tokens, mask)
 
 
 def _bucket(n: int, step: int = 64) -> int:
     return -(-n // step) * step
-
-
-def _is_ids(x) -> bool:
-    return not isinstance(x, (str, bytes)) and len(x) > 0 and isinstance(x[0], (int, np.integer))
 
 
 def response_nll(lm, prompts, responses, batch_size: int = 16, chat: bool = True, progress: str | None = None):
@@ -47,7 +52,7 @@ def response_nll(lm, prompts, responses, batch_size: int = 16, chat: bool = True
     Rows are padded to a fixed batch and to lengths rounded up to 64, so a long evaluation compiles a few shapes.
     `progress`: a label for a progress bar over the batches (None: no bar)."""
     from rss_jax import sharding
-    if isinstance(prompts, (str, bytes)) or _is_ids(prompts):
+    if is_single_prompt(prompts):
         prompts, responses = [prompts], [responses]
     if len(prompts) != len(responses):
         raise ValueError(f"response_nll got {len(prompts)} prompts and {len(responses)} responses; pass one "

@@ -85,6 +85,17 @@ def _is_static_zero(temperature) -> bool:
     return _is_real_number(temperature) and float(temperature) == 0.0
 
 
+def validate_draft_temperature(value) -> float | None:
+    """A proposal temperature (speculative methods' draft_temperature): None (the target's), or a finite number
+    > 0, returned as float. Raises ValueError naming the knob otherwise."""
+    if value is None:
+        return None
+    if not _is_real_number(value) or not (float(value) > 0 and math.isfinite(float(value))):
+        raise ValueError(f"draft_temperature must be a finite number > 0 (None: the target's temperature), got "
+                         f"{value!r}")
+    return float(value)
+
+
 def validate_sampling_args(temperature=1.0, top_k=None, top_p=None, min_p=None) -> None:
     """Raise ValueError with a clear message if a sampling knob is out of range.
 

@@ -544,10 +544,11 @@ def _entry(arts, lat, label):
     if all("wall_s" in a for a in arts):  # the chunked run's throughput (the quality chunks are batched)
         e["wall_s_per_token_batched"] = sum(a["wall_s"] for a in arts) / max(new, 1)
     e.update(target_nll_mean=None, target_nll_se=None)
-    if arts and all("fluency" in a for a in arts):  # per response: NLL per token under the target (T 1)
-        per = [n / c for a in arts for n, c in zip(a["fluency"]["nll"], a["fluency"]["tokens"]) if c > 0]
-        if per:
-            e["target_nll_mean"], e["target_nll_se"] = _stats(per)
+    # per response: NLL per token under the target (T 1); None for an empty response
+    flu = [n / c if c else None for a in arts for n, c in zip(a["fluency"]["nll"], a["fluency"]["tokens"])] \
+        if arts and all("fluency" in a for a in arts) else []
+    if any(x is not None for x in flu):
+        e["target_nll_mean"], e["target_nll_se"] = _stats([x for x in flu if x is not None])
     hists = [a["accepted_histogram"] for a in arts if a.get("accepted_histogram") is not None]
     e.update(acceptance_rate=None, acceptance_by_offset=None, tokens_per_target_call=None)
     if hists:
@@ -563,10 +564,8 @@ def _entry(arts, lat, label):
         e["acceptance_rate"] = float(np.mean([a["acceptance_rate"] for a in arts]))
     e["examples"] = [dict(prompt=p, text=t, gold=g) for p, t, g in
                      zip(sum((a["prompts"] for a in arts), [])[:3], texts[:3], sum((a["gold"] for a in arts), [])[:3])]
-    if arts and all("fluency" in a for a in arts):
-        flu = [(n, c) for a in arts for n, c in zip(a["fluency"]["nll"], a["fluency"]["tokens"])]
-        for ex, (n, c) in zip(e["examples"], flu):
-            ex["target_nll"] = n / c if c else None
+    for ex, x in zip(e["examples"], flu):
+        ex["target_nll"] = x
     return e
 
 

@@ -39,6 +39,7 @@ from flax import nnx
 from rss_jax.heads import FeatureDraft, from_flat
 from rss_jax.loading.names import flatten
 from rss_jax.models.layers import attention
+from rss_jax.sampling import validate_draft_temperature
 from training import checkpoint as ckpt
 from training.data import epoch_permutation
 
@@ -382,11 +383,9 @@ def evaluate_acceptance(target, head: FeatureDraft, fs: FeatureSet, steps: int =
     """Closed-form per-offset acceptance alpha_i = mean over response positions of sum_v min(q_i, p) (p: the
     target's tempered distribution, including its mass outside D; q_i: the head's drafting step i, true features
     for i = 1, its own fed-back features after, at `draft_temperature`, default `temperature`), i = 1..steps."""
-    if draft_temperature is not None and not (draft_temperature > 0 and math.isfinite(draft_temperature)):
-        raise ValueError(f"draft_temperature must be a finite number > 0, got {draft_temperature!r}")
     embed, rows = target_tables(target, head)
     spec = HeadTrainSpec(graphdef=head.graphdef, steps=steps, temperature=temperature,
-                         proposal_temperature=None if draft_temperature is None else float(draft_temperature))
+                         proposal_temperature=validate_draft_temperature(draft_temperature))
     sums, counts = np.zeros(steps), np.zeros(steps)
     for s in range(0, len(fs), batch_size):
         idx = np.arange(s, min(s + batch_size, len(fs)))

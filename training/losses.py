@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rss_jax.likelihood import sequence_logps, token_logps  # noqa: F401 (the training API names them too)
+
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
@@ -47,20 +49,6 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
         "losses": losses,
     }
     return jnp.mean(losses), metrics
-
-
-def token_logps(logits, tokens):
-    """log p(tokens[:, t] | tokens[:, :t]) for t >= 1: logits [B, T, V], tokens [B, T] -> [B, T-1] float32."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = tokens[:, 1:]
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
-def sequence_logps(logits, tokens, loss_mask):
-    """Summed log-prob of the response tokens of each row: [B, T, V], [B, T], [B, T] -> [B] float32."""
-    # where, not a product: a trimmed-head policy gives -inf to prompt tokens outside its head, and -inf * 0 = NaN
-    return jnp.sum(jnp.where(loss_mask[:, 1:] > 0, token_logps(logits, tokens), 0.0), axis=-1)
 
 
 def masked_ce_sum(logits, tokens, loss_mask):

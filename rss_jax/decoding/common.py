@@ -26,9 +26,14 @@ class GenerateOutput:
     prompt_ids: list | None = None
 
 
+def is_single_prompt(prompts) -> bool:
+    """One bare prompt (a string, or one flat list of token ids) rather than a list of prompts."""
+    return isinstance(prompts, (str, bytes)) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+
+
 def encode_prompts(lm, prompts, chat: bool = True) -> list[list[int]]:
     """Strings (chat template when chat=True) or lists of token ids -> lists of ids, validated."""
-    if isinstance(prompts, (str, bytes)) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer))):
+    if is_single_prompt(prompts):
         prompts = [prompts]
     if len(prompts) == 0:
         raise ValueError("prompts is empty: pass at least one prompt (a string or a list of token ids)")

@@ -40,7 +40,6 @@ The target's embedding table and the heads' output rows W[D] are gathered once p
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import jax
@@ -390,16 +389,12 @@ def spec_config(lm, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, d
         raise ValueError(f"k (draft tokens per block) must be an integer >= 1, got {k!r}")
     if draft_top_k is not None or draft_top_p is not None:
         sampling.validate_sampling_args(1.0, draft_top_k, draft_top_p, None)
+    draft_temperature = sampling.validate_draft_temperature(draft_temperature)
     if draft_temperature is not None:
-        if isinstance(draft_temperature, bool) or not isinstance(draft_temperature, (int, float, np.number)) \
-                or not (draft_temperature > 0 and math.isfinite(draft_temperature)):
-            raise ValueError(f"draft_temperature must be a finite number > 0 (None: the target's temperature), got "
-                             f"{draft_temperature!r}")
         if method == "sss" and mode != "exact":
             raise ValueError(f"draft_temperature changes the proposal, and SSS mode {mode!r} assumes the drafts "
                              "come from pi_r at the target's temperature (its rule never reads q); use mode='exact', "
                              "or leave draft_temperature at None")
-        draft_temperature = float(draft_temperature)
         if draft_temperature == base_cfg.temperature or method == "eft":  # the default proposal (EFT drafts none):
             draft_temperature = None  # one compiled program and one --resume hash for the same computation
     three = method in ("sss", "eft")
