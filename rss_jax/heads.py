@@ -172,9 +172,10 @@ def load_head(path: str, dtype: str = "float32") -> FeatureDraft:
     return from_flat(config, flat, dtype=dtype, source=os.path.abspath(path))
 
 
-def new_head(target, taps=None, token_ids=None, seed: int = 0, warm_start: bool = False) -> FeatureDraft:
+def new_head(target, taps=None, token_ids=None, seed: int = 0, warm_start: bool = False,
+             depth: int = 1) -> FeatureDraft:
     """A fresh head for `target` (an LM). taps: target layer indices (default: a low, a middle and a high layer);
-    token_ids: the draft vocabulary (default: the full vocabulary). The default is a random head (std 0.02), as the
+    token_ids: the draft vocabulary (default: the full vocabulary); depth: the head's decoder layers. The default is a random head (std 0.02), as the
     shipped heads started. With `warm_start` (Llama-family targets) the decoder layer starts as a copy of the
     target's last layer, the output norm as the target's final norm, and the input map passes the fused feature
     through (an option for experiments; the shipped heads did not use it)."""
@@ -184,7 +185,7 @@ def new_head(target, taps=None, token_ids=None, seed: int = 0, warm_start: bool 
         taps = sorted({min(2, n - 1), n // 2, max(n - 3, 0)})
     if token_ids is None:
         token_ids = range(cfg.vocab_size)
-    hcfg = HeadConfig.for_target(cfg, taps, token_ids)
+    hcfg = HeadConfig.for_target(cfg, taps, token_ids, depth=depth)
     hcfg.check_target(cfg)
     module = init_head(hcfg, seed, jnp.float32)
     flat = flatten(nnx.to_pure_dict(nnx.state(module)))
@@ -205,4 +206,27 @@ def new_head(target, taps=None, token_ids=None, seed: int = 0, warm_start: bool 
     return from_flat(hcfg, flat, source=f"new head for {target.source}")
 
 
-__all__ = ["FeatureDraft", "HeadConfig", "HeadTargetMismatch", "load_head", "new_head", "is_head_folder"]
+def deepen(head: FeatureDraft, depth: int, seed: int = 0) -> FeatureDraft:
+    """`head` with decoder layers appended up to `depth`, computing exactly what `head` computes: each new layer is
+    random (std 0.02, from `seed`) except its attention and MLP output maps, which start at zero, so it adds nothing
+    to the residual stream until training moves them. The way to give a trained head more capacity without
+    starting over."""
+    cfg = head.config
+    if head.quantize:
+        raise ValueError("deepen a float head: this one was quantised for decoding; load it without quantize=")
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < cfg.depth:
+        raise ValueError(f"depth must be an integer >= the head's depth {cfg.depth}, got {depth!r}")
+    if depth == cfg.depth:
+        return head
+    new_cfg = dataclasses.replace(cfg, depth=int(depth))
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten(nnx.to_pure_dict(nnx.state(
+        init_head(new_cfg, seed, jnp.float32)))).items()}
+    from rss_jax.sharding import to_host
+    flat.update({k: np.asarray(v, np.float32) for k, v in to_host(head.params()).items()})
+    for layer in range(cfg.depth, depth):
+        for name in ("wo", "w_down"):
+            flat[f"block{layer}.{name}"] = np.zeros_like(flat[f"block{layer}.{name}"])
+    return from_flat(new_cfg, flat, dtype=head.dtype, source=f"{head.source} deepened to {depth} layers")
+
+
+__all__ = ["FeatureDraft", "HeadConfig", "HeadTargetMismatch", "deepen", "load_head", "new_head", "is_head_folder"]

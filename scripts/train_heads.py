@@ -87,6 +87,8 @@ def main():
                     "this fraction of each tap vector's RMS (EAGLE's augmentation; 0: none)")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--init", default=None, help="start the SFT head from this head folder")
+    ap.add_argument("--depth", type=int, default=None, help="decoder layers of the head (default 1); with --init, "
+                    "layers are appended to the loaded head, starting as the identity (rss_jax.heads.deepen)")
     ap.add_argument("--skip-sft", action="store_true", help="use --init as the SFT head as it is")
     ap.add_argument("--dpo-steps", type=int, default=150)
     ap.add_argument("--dpo-learning-rate", type=float, default=1e-4)
@@ -133,12 +135,14 @@ def main():
 
     if a.init:
         head = rss_jax.load(a.init)
+        if a.depth is not None:
+            head = rss_jax.heads.deepen(head, a.depth)
     else:
         always = list(lm.eos_token_ids)
         # the most frequent response tokens (on these samples this covers more held-out text than
         # draft_vocabulary's half-frequency, half-lowest-id rule)
         ids = frequent_token_ids([r["response_ids"] for r in train_recs], a.vocab, always=always)
-        head = rss_jax.heads.new_head(lm, taps=taps, token_ids=ids, warm_start=False)
+        head = rss_jax.heads.new_head(lm, taps=taps, token_ids=ids, warm_start=False, depth=a.depth or 1)
     ev_ids = set(head.config.token_ids)
     report["eval_token_coverage"] = float(np.mean([t in ev_ids for r in eval_recs for t in r["response_ids"]]))
     report["head_params"] = head.num_params

@@ -56,6 +56,12 @@ def test_train_head_recipes(tiny_checkpoints, tmp_path, capsys):
            str(tmp_path / "dpo"), "--steps", "2", "--batch-size", "4", "--ttt-steps", "2", "--no-progress"]
     assert main(dpo) == 0
     assert rj.load(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final"]).config.taps == (0, 1)
+    # a second decoder layer appended to the trained head, trained on
+    deeper = ["train", "head-distill", "--target", src, "--data", str(data), "--output", str(tmp_path / "deep"),
+              "--steps", "2", "--batch-size", "4", "--ttt-steps", "2", "--no-progress", "--init", summary["final"],
+              "--depth", "2"]
+    assert main(deeper) == 0
+    assert rj.load(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final"]).config.depth == 2
     # the same output folder again without --resume, and a model given as --sft: one-line errors, exit 2
     assert main(args) == 2 and "already holds a run" in capsys.readouterr().err
     bad = dpo[:dpo.index("--sft") + 1] + [src] + dpo[dpo.index("--sft") + 2:]

@@ -49,9 +49,9 @@ def _target(layers=3, hidden=32, vocab=V, seed=0):
     return from_params(cfg, _scaled(flat, seed), source=f"target-{layers}x{hidden}-v{vocab}")
 
 
-def _head(target_cfg, taps, ids, seed, out_scale=1.0):
+def _head(target_cfg, taps, ids, seed, out_scale=1.0, depth=1):
     """A random head (weights scaled like the target's); out_scale < 1 flattens its logits (more acceptance)."""
-    hcfg = HeadConfig.for_target(target_cfg, taps, ids)
+    hcfg = HeadConfig.for_target(target_cfg, taps, ids, depth=depth)
     flat = _scaled(flatten(nnx.to_pure_dict(nnx.state(init_head(hcfg, seed)))), seed)
     flat["out_norm"] = flat["out_norm"] * out_scale
     return rheads.from_flat(hcfg, flat, source=f"head-{seed}")
@@ -60,9 +60,9 @@ def _head(target_cfg, taps, ids, seed, out_scale=1.0):
 @pytest.fixture(scope="module")
 def models():
     lm = _target()
-    aligned = _head(lm.config, (0, 2), D_R, 1)  # two taps (fused), trimmed vocabulary
-    sft = _head(lm.config, (1,), D_S, 2)  # another tap: the target forward taps the union
-    proposal = _head(lm.config, (0, 2), D_R, 3, out_scale=0.25)  # SD's head
+    aligned = _head(lm.config, (0, 2), D_R, 1, depth=2)  # two taps (fused), trimmed vocabulary, two layers
+    sft = _head(lm.config, (1,), D_S, 2)  # another tap (the target forward taps the union), one layer
+    proposal = _head(lm.config, (0, 2), D_R, 3, out_scale=0.1, depth=2)  # SD's head
     return lm, aligned, sft, proposal
 
 
@@ -226,7 +226,7 @@ def test_sss_exact_and_eft_with_heads_sample_p_tilde(models, laws, method, k):
     law = laws["p_tilde"]
     # K 3 also samples its proposal at another temperature: p~ (from the heads at T 1) must not move
     out = rj.generate(lm, [PROMPT] * N, method=method, draft=aligned, sft=sft, k=max(k, 1), max_new_tokens=3,
-                      temperature=1.0, eos=[], seed=41 + k, draft_temperature=0.6 if k == 3 else None)
+                      temperature=1.0, eos=[], seed=51 + k, draft_temperature=0.6 if k == 3 else None)
     _check_law(out, law)
     assert set(np.unique(out.tokens).tolist()) <= set(D_R)
     if method == "sss":

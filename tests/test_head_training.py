@@ -47,8 +47,10 @@ def records(tiny):
     return [{"prompt_ids": p, "response_ids": out.tokens[i, :out.lengths[i]].tolist()} for i, p in enumerate(prompts)]
 
 
-def test_ttt_forward_equals_cached_decode(tiny):
-    head = rj.heads.new_head(tiny, taps=(0, 2), token_ids=list(range(0, V, 2)), warm_start=False, seed=3)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_ttt_forward_equals_cached_decode(tiny, depth):
+    head = rj.heads.new_head(tiny, taps=(0, 2), token_ids=list(range(0, V, 2)), warm_start=False, seed=3,
+                             depth=depth)
     hm = head.module
     s = 18
     toks = jnp.asarray(np.random.default_rng(1).integers(0, V, (1, s)), jnp.int32)
@@ -70,6 +72,41 @@ def test_ttt_forward_equals_cached_decode(tiny):
                               lengths=jnp.full((1,), slot, jnp.int32))
             worst = max(worst, float(jnp.abs(lg[:, 0] - out[j - 1][:, slot]).max()))
     assert worst < 1e-4
+
+
+def test_deeper_heads_deepen_save_and_refuse(tiny, tmp_path):
+    """A head deepened with `deepen` computes what it did (new layers start as the identity), its cached rows equal
+    its uncached forward, it saves and loads bit-exactly, and nonsense depths are refused."""
+    head = rj.heads.new_head(tiny, taps=(0, 2), token_ids=list(range(0, V, 2)), seed=5)
+    deep = rj.heads.deepen(head, 3, seed=7)
+    assert deep.config.depth == 3 and deep.config.num_layers == 3 and deep.num_params > head.num_params
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, V, (2, 9)), jnp.int32)
+    _, _, taps = tiny.module(toks, taps=(0, 2))
+    emb, rows = th.target_tables(tiny, head)
+    feat = head.module.fuse(taps[:, :-1])
+    shallow_out = head.module(feat, toks[:, 1:], emb, rows)[0]
+    np.testing.assert_array_equal(np.asarray(deep.module(feat, toks[:, 1:], emb, rows)[0]), np.asarray(shallow_out))
+    # training moves the new layers off the identity; then the cached forward (in two chunks) equals the uncached one
+    moved = {k: np.asarray(v) + (0.05 * np.random.default_rng(3).standard_normal(np.shape(v)) if "block" in k else 0)
+             for k, v in deep.params().items()}
+    deep = rj.heads.from_flat(deep.config, moved)
+    dm = deep.module
+    full = np.asarray(dm(feat, toks[:, 1:], emb, rows)[0])
+    assert np.abs(full - np.asarray(shallow_out)).max() > 1e-2  # the deeper layers now matter
+    cache = init_cache(deep.config, 2, 16)
+    assert cache.k.shape[0] == 3
+    a, _, cache = dm(feat[:, :5], toks[:, 1:6], emb, rows, cache=cache, lengths=jnp.zeros((2,), jnp.int32))
+    b, _, _ = dm(feat[:, 5:], toks[:, 6:], emb, rows, cache=cache, lengths=jnp.full((2,), 5, jnp.int32))
+    np.testing.assert_allclose(np.concatenate([np.asarray(a), np.asarray(b)], 1), full, atol=1e-4)
+    # a saved deeper head loads with its depth and the same logits
+    deep.save(str(tmp_path / "deep"))
+    back = rj.load(str(tmp_path / "deep"))
+    assert back.config.depth == 3
+    np.testing.assert_array_equal(np.asarray(back.module(feat, toks[:, 1:], emb, rows)[0]), full)
+    with pytest.raises(ValueError, match="depth must be an integer >= the head's depth 3"):
+        rj.heads.deepen(deep, 2)
+    with pytest.raises(ValueError, match="depth is a number of decoder layers >= 1"):
+        rj.heads.new_head(tiny, depth=0)
 
 
 def _numpy_alpha(tiny, head, fs, steps, draft_temperature=0.8):

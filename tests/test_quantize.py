@@ -137,7 +137,7 @@ def test_int8_target_and_head_speculate_exactly(tiny_checkpoints):
     on its quantised-then-widened weights."""
     path, _ = tiny_checkpoints["llama_mqa_tied"]
     target = rj.load(path, quantize="int8")
-    head = rj.heads.new_head(rj.load(path), seed=3)
+    head = rj.heads.new_head(rj.load(path), seed=3, depth=2)
     qhead = head.quantized("int8")
     assert qhead.quantize == "int8"
     prompts = [[4, 9, 12, 40], [7, 7, 30]]
@@ -147,11 +147,14 @@ def test_int8_target_and_head_speculate_exactly(tiny_checkpoints):
     # the quantised head against the float head holding the widened weights
     from flax import nnx
     float_mod = nnx.merge(head.graphdef, head.state)
-    for name in float_mod.QUANT_PARAMS:
-        p = getattr(float_mod, name, None)
+    from rss_jax.models.feature_head import LAYER_MATRICES
+    owned = [(float_mod, name) for name in float_mod.QUANT_PARAMS] + [(float_mod.block1, n) for n in LAYER_MATRICES]
+    for owner, name in owned:
+        p = getattr(owner, name, None)
         if p is not None:
             p.value = jnp.asarray(np_dequantize(*np_quantize(np.asarray(p.value).T)).T)
     q_mod = nnx.merge(qhead.graphdef, qhead.state)
+    assert all(getattr(q_mod.layer(i), n).value.dtype == jnp.int8 for i in (0, 1) for n in LAYER_MATRICES)
     rng = np.random.default_rng(0)
     e = head.config.hidden_size
     feat = jnp.asarray(rng.standard_normal((1, 5, len(head.config.taps), e)).astype(np.float32))

@@ -45,6 +45,8 @@ def _head_parser(p: argparse.ArgumentParser, mode: str):
                        "(default: a low, a middle and a high layer)")
         g.add_argument("--vocab", type=NONNEG_INT, default=8192, help="draft vocabulary size (0 = the full vocabulary)")
         g.add_argument("--init", default=None, help="start from this head folder")
+        g.add_argument("--depth", type=POS_INT, default=None, help="decoder layers of the head (default 1); with "
+                       "--init, layers are appended to the loaded head, starting as the identity")
         g.add_argument("--tv-weight", type=NONNEG_FLOAT, default=0.0, help="weight of 1 - acceptance added to the KL")
         g.add_argument("--feature-noise", type=NONNEG_FLOAT, default=0.0, help="uniform noise on the tapped "
                        "features while training, this fraction of each tap vector's RMS (EAGLE's augmentation)")

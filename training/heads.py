@@ -181,23 +181,23 @@ def _ttt_attention(q, ks, vs, j: int):
 
 def ttt_logits(head, taps, tokens, embed_table, out_rows, steps: int):
     """taps [B, S, n, E], tokens [B, S] -> list of `steps` logits [B, S-1, |D|] (slot u = 0..S-2 predicts token
-    u+2); step j >= 2 reads the head's own step-(j-1) outputs as features (see the module docstring)."""
+    u+2); step j >= 2 reads the head's own step-(j-1) outputs as features (see the module docstring). Each of the
+    head's decoder layers keeps its own keys and values of every step."""
     feat = head.fuse(taps[:, :-1].astype(jnp.float32))
     x = tokens[:, 1:]
     t = x.shape[1]
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], x.shape)
-    h = head.inputs(feat, x, embed_table)
-    q, k, v = head.qkv(h, pos)
-    o, _, _ = attention(q, k, v)
-    a = head.finish(h, o)
-    out = [head.logits(a, out_rows)]
-    ks, vs = [k], [v]
-    for j in range(2, steps + 1):
-        h = head.inputs(_shift_right(a, 1), x, embed_table)
-        q, k, v = head.qkv(h, pos)
-        ks.append(k)
-        vs.append(v)
-        a = head.finish(h, _ttt_attention(q, ks, vs, j))
+    depth = head.config.depth
+    ks, vs = [[] for _ in range(depth)], [[] for _ in range(depth)]
+    out, a = [], None
+    for j in range(1, steps + 1):
+        a = head.inputs(feat if j == 1 else _shift_right(a, 1), x, embed_table)
+        for index in range(depth):
+            q, k, v = head.qkv(a, pos, index)
+            ks[index].append(k)
+            vs[index].append(v)
+            o = attention(q, k, v)[0] if j == 1 else _ttt_attention(q, ks[index], vs[index], j)
+            a = head.finish(a, o, index)
         out.append(head.logits(a, out_rows))
     return out
 
@@ -587,13 +587,18 @@ def run_recipe(args) -> dict:
             if not getattr(head, "is_feature_head", False):
                 raise ValueError(f"--init {args.init!r} is not a feature-draft head folder; give the folder a head "
                                  "was saved to (`rss-jax train head-distill` writes OUTPUT/final)")
+            if args.depth is not None and args.depth < head.config.depth:
+                raise ValueError(f"--depth {args.depth} is below the --init head's {head.config.depth} decoder "
+                                 "layers; a head can be deepened, not cut")
+            if args.depth is not None:
+                head = rss_jax.heads.deepen(head, args.depth, seed=args.seed)
         else:
             taps = tuple(int(t) for t in args.taps.split(",")) if args.taps else None
             ids = None
             if args.vocab:
                 ids = frequent_token_ids([r["response_ids"] for r in records], args.vocab,
                                          always=target.eos_token_ids)
-            head = rss_jax.heads.new_head(target, taps=taps, token_ids=ids, seed=args.seed)
+            head = rss_jax.heads.new_head(target, taps=taps, token_ids=ids, seed=args.seed, depth=args.depth or 1)
         reference, pairs = None, None
     else:
         reference = rss_jax.load(args.sft)

@@ -2,8 +2,8 @@
 
 At head slot t the head reads the target's features at position t (the residual stream after a few chosen target
 layers, each RMS-normed, fused by one linear map when there are several) and the embedding of token t+1, runs one
-Llama-style decoder layer with its own KV cache, and scores a draft vocabulary D (a sorted list of token ids) with
-the target's own output rows W[D]: logits for token t+2. For drafting steps 2..K no target feature exists yet, so
+Llama-style decoder layer (or `depth` of them) with its own KV cache, and scores a draft vocabulary D (a sorted list
+of token ids) with the target's own output rows W[D]: logits for token t+2. For drafting steps 2..K no target feature exists yet, so
 the head feeds back its own output hidden state in place of the fused feature.
 
 The head owns no vocabulary weights: the token embedding table and the output rows are the target's, passed in at
@@ -54,6 +54,7 @@ class HeadConfig:
     rope_scaling: tuple = ()
     activation: str = "silu"
     kind: str = "feature_head"
+    depth: int = 1  # decoder layers of the head itself (layer 0's weights keep the one-layer names)
 
     # what the decoding engine and the KV cache read from any model config
     @property
@@ -65,8 +66,8 @@ class HeadConfig:
         return self.target_vocab_size
 
     @property
-    def num_layers(self) -> int:  # the head's own KV cache has one layer
-        return 1
+    def num_layers(self) -> int:  # the head's own KV cache: one layer per decoder layer of the head
+        return self.depth
 
     @property
     def head_token_ids(self) -> tuple:
@@ -119,9 +120,11 @@ class HeadConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
-    def for_target(cls, config, taps, token_ids) -> "HeadConfig":
-        """A head shaped like one decoder layer of a Llama-family target (attention and MLP widths, RoPE);
-        for GPT-2 and OPT targets the head's layer is Llama-style with the target's widths."""
+    def for_target(cls, config, taps, token_ids, depth: int = 1) -> "HeadConfig":
+        """A head whose `depth` decoder layers are shaped like a layer of a Llama-family target (attention and MLP
+        widths, RoPE); for GPT-2 and OPT targets the head's layers are Llama-style with the target's widths."""
+        if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
+            raise ValueError(f"a feature-draft head's depth is a number of decoder layers >= 1, got {depth!r}")
         taps = tuple(int(t) for t in taps)
         if not taps:
             raise ValueError("a feature-draft head needs at least one tapped target layer")
@@ -138,53 +141,83 @@ class HeadConfig:
                    max_position_embeddings=config.max_position_embeddings,
                    norm_eps=config.norm_eps if llama else 1e-5, rope_theta=config.rope_theta if llama else 10000.0,
                    rope_scaling=config.rope_scaling if llama else (),
-                   activation="silu")
+                   activation="silu", depth=int(depth))
 
 
 def _describe(target: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in target.items())
 
 
+# the weights of one decoder layer; layer 0's sit on the head itself, layer l >= 1's on `head.block<l>`
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def _layer_params(owner, config: HeadConfig, rngs: nnx.Rngs, dtype) -> None:
+    e, f = config.hidden_size, config.intermediate_size
+    qd, kvd = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    owner.attn_norm = nnx.Param(jnp.ones((e,), dtype))
+    owner.wq = nnx.Param(normal_init(rngs, (e, qd), dtype))
+    owner.wk = nnx.Param(normal_init(rngs, (e, kvd), dtype))
+    owner.wv = nnx.Param(normal_init(rngs, (e, kvd), dtype))
+    owner.wo = nnx.Param(normal_init(rngs, (qd, e), dtype))
+    owner.mlp_norm = nnx.Param(jnp.ones((e,), dtype))
+    owner.w_gate = nnx.Param(normal_init(rngs, (e, f), dtype))
+    owner.w_up = nnx.Param(normal_init(rngs, (e, f), dtype))
+    owner.w_down = nnx.Param(normal_init(rngs, (f, e), dtype))
+
+
+def _lin(owner, x, name, cast: bool = False):
+    """x [..., in] times the matrix `name` of `owner` (float [in, out], or int8 [out, in] with its scales). A float
+    matrix promotes with x as einsum does, or with `cast` is first cast to x's dtype (the tap fusion's convention)."""
+    w, scale = getattr(owner, name).value, getattr(owner, name + "_scale", None)
+    if scale is None:
+        return jnp.einsum("...f,fe->...e", x, w.astype(x.dtype) if cast else w)
+    return int8_matmul(x, w, scale.value)
+
+
+class HeadBlock(nnx.Module):
+    """Decoder layer l >= 1 of a deeper head (the same weights as layer 0, which lives on the head itself)."""
+
+    def __init__(self, config: HeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        _layer_params(self, config, rngs, dtype)
+
+
 class FeatureHead(nnx.Module):
-    """One decoder layer over fused target features and next-token embeddings (see the module docstring)."""
+    """`depth` decoder layers over fused target features and next-token embeddings (see the module docstring)."""
 
     def __init__(self, config: HeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
-        e, f = config.hidden_size, config.intermediate_size
-        qd, kvd, n = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, len(config.taps)
+        e, n = config.hidden_size, len(config.taps)
         self.tap_norm = nnx.Param(jnp.ones((n, e), dtype))
         if n > 1:
             self.fuse_w = nnx.Param(normal_init(rngs, (n * e, e), dtype))
         self.embed_norm = nnx.Param(jnp.ones((e,), dtype))
         self.feat_norm = nnx.Param(jnp.ones((e,), dtype))
         self.in_proj = nnx.Param(normal_init(rngs, (2 * e, e), dtype))
-        self.attn_norm = nnx.Param(jnp.ones((e,), dtype))
-        self.wq = nnx.Param(normal_init(rngs, (e, qd), dtype))
-        self.wk = nnx.Param(normal_init(rngs, (e, kvd), dtype))
-        self.wv = nnx.Param(normal_init(rngs, (e, kvd), dtype))
-        self.wo = nnx.Param(normal_init(rngs, (qd, e), dtype))
-        self.mlp_norm = nnx.Param(jnp.ones((e,), dtype))
-        self.w_gate = nnx.Param(normal_init(rngs, (e, f), dtype))
-        self.w_up = nnx.Param(normal_init(rngs, (e, f), dtype))
-        self.w_down = nnx.Param(normal_init(rngs, (f, e), dtype))
+        _layer_params(self, config, rngs, dtype)
+        for layer in range(1, config.depth):
+            setattr(self, f"block{layer}", HeadBlock(config, rngs=rngs, dtype=dtype))
         self.out_norm = nnx.Param(jnp.ones((e,), dtype))
 
     # the [in, out] matrices that int8 quantisation stores as int8 [out, in] with grouped scales `<name>_scale`
-    QUANT_PARAMS = ("fuse_w", "in_proj", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    QUANT_PARAMS = ("fuse_w", "in_proj") + LAYER_MATRICES
+
+    def layer(self, index: int):
+        """The module holding decoder layer `index`'s weights (the head itself for layer 0)."""
+        return self if index == 0 else getattr(self, f"block{index}")
 
     def _lin(self, x, name, cast: bool = False):
-        """x [..., in] times the matrix `name` (float [in, out], or int8 [out, in] with its scales). A float matrix
-        promotes with x as einsum does, or with `cast` is first cast to x's dtype (the tap fusion's convention)."""
-        w, scale = getattr(self, name).value, getattr(self, name + "_scale", None)
-        if scale is None:
-            return jnp.einsum("...f,fe->...e", x, w.astype(x.dtype) if cast else w)
-        return int8_matmul(x, w, scale.value)
+        return _lin(self, x, name, cast)
 
     def quantize_int8(self) -> None:
         """The head's matrices as int8 with one scale per group of 32 input weights (`kernels.quantize_rows`), in
         place; norms stay in the head's dtype. For decoding only: training needs the float head."""
         for name in self.QUANT_PARAMS:
             quantize_param(self, name, transpose=True)
+        for index in range(1, self.config.depth):
+            for name in LAYER_MATRICES:
+                quantize_param(self.layer(index), name, transpose=True)
 
     def fuse(self, taps):
         """Target features [B, T, n_taps, E] -> the head's input feature [B, T, E]: each tap RMS-normed, then one
@@ -201,47 +234,53 @@ class FeatureHead(nnx.Module):
         beside feature t) -> (logits over the draft vocabulary [B, T, |D|] float32, or None without `out_rows`;
         output hidden states [B, T, E] (what is fed back); the updated KVCache or None).
 
-        With a cache (a one-layer KVCache) the T slots are written at lengths[b].. as in the target's forward."""
+        With a cache (a KVCache with one layer per decoder layer) the T slots are written at lengths[b].. as in the
+        target's forward."""
         if positions is None:
             positions = default_positions(tokens, lengths)
         h = self.inputs(feat, tokens, embed_table)
-        q, k, v = self.qkv(h, positions)
+        ks, vs = [], []
+        for index in range(self.config.depth):
+            q, k, v = self.qkv(h, positions, index)
+            if cache is not None:
+                o, ck, cv = attention(q, k, v, cache.k[index], cache.v[index], lengths)
+                ks.append(ck)
+                vs.append(cv)
+            else:
+                o, _, _ = attention(q, k, v)
+            h = self.finish(h, o, index)
         if cache is not None:
-            o, ck, cv = attention(q, k, v, cache.k[0], cache.v[0], lengths)
-            cache = type(cache)(k=ck[None], v=cv[None])
-        else:
-            o, _, _ = attention(q, k, v)
-        h = self.finish(h, o)
+            cache = type(cache)(k=jnp.stack(ks), v=jnp.stack(vs))
         logits = self.logits(h, out_rows) if out_rows is not None else None
         return logits, h, cache
 
-    # the forward in three parts, so that training can run its own attention pattern (training-time test)
+    # the forward in parts, so that training can run its own attention pattern (training-time test)
     def inputs(self, feat, tokens, embed_table):
-        """[B, T, E] feature + token ids -> the decoder layer's input residual stream [B, T, E]."""
+        """[B, T, E] feature + token ids -> the first decoder layer's input residual stream [B, T, E]."""
         eps = self.config.norm_eps
         emb = jnp.take(embed_table, tokens, axis=0).astype(feat.dtype)
         x = jnp.concatenate([rms_norm(emb, self.embed_norm.value, eps), rms_norm(feat, self.feat_norm.value, eps)],
                             axis=-1)
         return self._lin(x, "in_proj")
 
-    def qkv(self, h, positions):
-        """-> q [B, T, H, D], k and v [B, T, KVH, D] (rotary positions applied)."""
-        cfg = self.config
+    def qkv(self, h, positions, index: int = 0):
+        """Decoder layer `index`: -> q [B, T, H, D], k and v [B, T, KVH, D] (rotary positions applied)."""
+        cfg, w = self.config, self.layer(index)
         b, t, _ = h.shape
         inv_freq = rope_inv_freq(cfg)
-        y = rms_norm(h, self.attn_norm.value, cfg.norm_eps)
-        q = self._lin(y, "wq").reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self._lin(y, "wk").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self._lin(y, "wv").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        y = rms_norm(h, w.attn_norm.value, cfg.norm_eps)
+        q = _lin(w, y, "wq").reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = _lin(w, y, "wk").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = _lin(w, y, "wv").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def finish(self, h, o):
-        """Residual stream [B, T, E] + attention output [B, T, H*D] -> the layer's output hidden states."""
-        cfg = self.config
-        h = h + self._lin(o, "wo")
-        y = rms_norm(h, self.mlp_norm.value, cfg.norm_eps)
+    def finish(self, h, o, index: int = 0):
+        """Decoder layer `index`: residual stream [B, T, E] + attention output [B, T, H*D] -> its output."""
+        cfg, w = self.config, self.layer(index)
+        h = h + _lin(w, o, "wo")
+        y = rms_norm(h, w.mlp_norm.value, cfg.norm_eps)
         act = activation(cfg.activation)
-        return h + self._lin(act(self._lin(y, "w_gate")) * self._lin(y, "w_up"), "w_down")
+        return h + _lin(w, act(_lin(w, y, "w_gate")) * _lin(w, y, "w_up"), "w_down")
 
     def logits(self, h, out_rows):
         """Output hidden states [B, T, E] -> logits over the draft vocabulary [B, T, |D|] float32."""
