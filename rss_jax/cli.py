@@ -237,6 +237,7 @@ def model_info(source: str) -> dict:
             target = f"{BUILTIN_MODEL}: {target}"
         return {"model": source, "path": os.path.abspath(head_path), "kind": "feature-draft head",
                 "parameters": n, "target": target, "taps (target layers read)": list(cfg.taps),
+                "decoder layers": cfg.depth,
                 "draft vocabulary": len(cfg.token_ids), "vocabulary": cfg.target_vocab_size,
                 "chat template": "no (a head uses its target's tokenizer)",
                 "memory float32": _size(4 * n), "memory bfloat16": _size(2 * n)}

@@ -117,8 +117,9 @@ class FeatureDraft:
 
     def __repr__(self):
         c = self.config
-        return (f"FeatureDraft(taps={list(c.taps)}, vocab={len(c.token_ids)} of {c.target_vocab_size}, "
-                f"target={c.target_model_type or c.target_family} x{c.target_num_layers}, source={self.source!r})")
+        return (f"FeatureDraft(taps={list(c.taps)}, layers={c.depth}, vocab={len(c.token_ids)} of "
+                f"{c.target_vocab_size}, target={c.target_model_type or c.target_family} x{c.target_num_layers}, "
+                f"source={self.source!r})")
 
 
 def is_head_folder(path: str) -> bool:
@@ -175,10 +176,10 @@ def load_head(path: str, dtype: str = "float32") -> FeatureDraft:
 def new_head(target, taps=None, token_ids=None, seed: int = 0, warm_start: bool = False,
              depth: int = 1) -> FeatureDraft:
     """A fresh head for `target` (an LM). taps: target layer indices (default: a low, a middle and a high layer);
-    token_ids: the draft vocabulary (default: the full vocabulary); depth: the head's decoder layers. The default is a random head (std 0.02), as the
-    shipped heads started. With `warm_start` (Llama-family targets) the decoder layer starts as a copy of the
-    target's last layer, the output norm as the target's final norm, and the input map passes the fused feature
-    through (an option for experiments; the shipped heads did not use it)."""
+    token_ids: the draft vocabulary (default: the full vocabulary); depth: the head's decoder layers. The default is
+    a random head (std 0.02), as the shipped heads started. With `warm_start` (Llama-family targets) the first
+    decoder layer starts as a copy of the target's last layer, the output norm as the target's final norm, and the
+    input map passes the fused feature through (an option for experiments; the shipped heads did not use it)."""
     cfg = target.config
     if taps is None:
         n = cfg.num_layers

@@ -61,7 +61,11 @@ def test_train_head_recipes(tiny_checkpoints, tmp_path, capsys):
               "--steps", "2", "--batch-size", "4", "--ttt-steps", "2", "--no-progress", "--init", summary["final"],
               "--depth", "2"]
     assert main(deeper) == 0
-    assert rj.load(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final"]).config.depth == 2
+    deep = rj.load(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final"])
+    assert deep.config.depth == 2
+    assert main(["info", deep.source, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["decoder layers"] == 2 and info["parameters"] == deep.num_params > head.num_params
     # the same output folder again without --resume, and a model given as --sft: one-line errors, exit 2
     assert main(args) == 2 and "already holds a run" in capsys.readouterr().err
     bad = dpo[:dpo.index("--sft") + 1] + [src] + dpo[dpo.index("--sft") + 2:]

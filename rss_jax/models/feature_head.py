@@ -3,8 +3,8 @@
 At head slot t the head reads the target's features at position t (the residual stream after a few chosen target
 layers, each RMS-normed, fused by one linear map when there are several) and the embedding of token t+1, runs one
 Llama-style decoder layer (or `depth` of them) with its own KV cache, and scores a draft vocabulary D (a sorted list
-of token ids) with the target's own output rows W[D]: logits for token t+2. For drafting steps 2..K no target feature exists yet, so
-the head feeds back its own output hidden state in place of the fused feature.
+of token ids) with the target's own output rows W[D]: logits for token t+2. For drafting steps 2..K no target
+feature exists yet, so the head feeds back its own output hidden state in place of the fused feature.
 
 The head owns no vocabulary weights: the token embedding table and the output rows are the target's, passed in at
 call time (`embed_table` [V, E], `out_rows` = W[D] [|D|, E], gathered once per decode call, not per step).
