@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_speculative.py                    # the shipped heads; v2 drafts from the cache
     .venv/bin/python scripts/bench_speculative.py --quality-prompts 100 --k 2 3 4 6
     .venv/bin/python scripts/bench_speculative.py --costs-only --k 1 2 3 4 5   # the step costs alone (~2 min)
+    .venv/bin/python scripts/bench_speculative.py --no-v2 --compare-heads SFT_DIR ALIGNED_DIR  # two head pairs
 
 Two parts, both batch 1 (each prompt alone: the latency a user waits for), float32, T = 0.8, no EOS stop (every run
 makes exactly --new-tokens tokens), held-out prompts (data/prompts_eval.jsonl: topics the heads never saw):
@@ -110,6 +111,10 @@ def main():
     ap.add_argument("--aligned-head", default="smollm2-135m-instruct-head-aligned")
     ap.add_argument("--v2-draft", default=None, help="aligned v2 draft folder (default: `make drafts`' cache)")
     ap.add_argument("--v2-sft", default=None, help="distilled v2 draft folder (default: `make drafts`' cache)")
+    ap.add_argument("--no-v2", action="store_true", help="leave the v2 drafts' rows out even when they are cached")
+    ap.add_argument("--compare-heads", nargs=2, default=None, metavar=("SFT", "ALIGNED"),
+                    help="a second pair of heads (e.g. deeper ones) measured beside the first in the K sweep, rows "
+                    "labelled 'heads B'; the quality part uses the first pair")
     ap.add_argument("--k", type=int, nargs="*", default=[2, 3, 4, 6])
     ap.add_argument("--sweep-prompts", type=int, default=6)
     ap.add_argument("--quality-prompts", type=int, default=100, help="0 skips the quality part")
@@ -140,7 +145,12 @@ def main():
     v2 = None
     v2d = args.v2_draft or os.path.join(draft_cache(), "smollm2-135m-instruct-aligned")
     v2s = args.v2_sft or os.path.join(draft_cache(), "smollm2-135m-instruct-distilled")
-    if os.path.isdir(v2d) and os.path.isdir(v2s):
+    pairs = [("heads", sft, aligned)]
+    if args.compare_heads:
+        pairs.append(("heads B", rj.load(args.compare_heads[0]), rj.load(args.compare_heads[1])))
+    if args.no_v2:
+        pass
+    elif os.path.isdir(v2d) and os.path.isdir(v2s):
         v2 = (rj.load(v2d), rj.load(v2s))
     else:
         print(f"v2 drafts not found ({v2s}, {v2d}); `make drafts-v2` re-makes them (about 90 min); their rows are "
@@ -171,6 +181,11 @@ def main():
     t1 = costs["target_1"]
     c = costs["head_step"] / t1
     print(f"step costs (ms): {json.dumps({k: round(v, 2) for k, v in costs.items()})}; c = {c:.3f}", flush=True)
+    pair_costs = {"heads": costs}
+    for label, p_sft, _ in pairs[1:]:
+        pair_costs[label] = step_costs(lm, p_sft, args.k)
+        print(f"{label} step costs (ms): {json.dumps({k: round(v, 2) for k, v in pair_costs[label].items()})}; "
+              f"c = {pair_costs[label]['head_step'] / pair_costs[label]['target_1']:.3f}", flush=True)
     if args.costs_only:
         rows = [{"forward": f"target, {k + 1} tokens", "ms": costs[f"target_{k + 1}"],
                  "vs target step": costs[f"target_{k + 1}"] / t1} for k in sorted(set(args.k) | {0})]
@@ -180,37 +195,44 @@ def main():
                               "step_costs_ms": costs, "c": c, "total_s": time.time() - t_start})
         return
 
-    def predict(method, k, a):
+    def predict(method, k, a, label="heads"):
+        pc = pair_costs[label]
+        u = pc["target_1"]
         e_tok = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
-        vk = costs[f"target_{k + 1}"] / t1
+        vk, ck = pc[f"target_{k + 1}"] / u, pc["head_step"] / u
         if method == "sd":
-            return e_tok / (vk + k * c + costs[f"rerun_{k + 1}_nologits"] / t1)
-        return e_tok / (vk + k * c + 2 * costs[f"rerun_{k + 1}"] / t1)
+            return e_tok / (vk + k * ck + pc[f"rerun_{k + 1}_nologits"] / u)
+        return e_tok / (vk + k * ck + 2 * pc[f"rerun_{k + 1}"] / u)
 
     prompts = eval_prompts(max(args.sweep_prompts, args.quality_prompts))
     sweep = prompts[:args.sweep_prompts]
     rows = []
     ar = run(sweep, "ar")
-    eft = run(sweep, "eft", draft=aligned, sft=sft)
-    eft_pred = 1.0 / (1 + 2 * costs["rerun_1"] / t1)
     rows.append(dict(method="ar", draft="-", K=None, **ar, **{"vs ar": 1.0}))
-    rows.append(dict(method="eft", draft="heads", K=None, **eft, **{"vs ar": eft["tok/s"] / ar["tok/s"],
-                                                                    "predicted vs ar": eft_pred}))
+    efts = {}
+    for label, p_sft, p_aligned in pairs:
+        efts[label] = run(sweep, "eft", draft=p_aligned, sft=p_sft)
+        pc = pair_costs[label]
+        rows.append(dict(method="eft", draft=label, K=None, **efts[label],
+                         **{"vs ar": efts[label]["tok/s"] / ar["tok/s"],
+                            "predicted vs ar": 1.0 / (1 + 2 * pc["rerun_1"] / pc["target_1"])}))
+    eft = efts["heads"]
     if v2 is not None:
         eft2 = run(sweep, "eft", draft=v2[0], sft=v2[1])
         rows.append(dict(method="eft", draft="v2", K=None, **eft2, **{"vs ar": eft2["tok/s"] / ar["tok/s"]}))
     dts = args.draft_temperature
     for k in args.k:
         for method in ("sd", "sss"):
-            for dt in dts:
-                kw = dict(draft=sft, k=k) if method == "sd" else dict(draft=aligned, sft=sft, k=k)
+            for (label, p_sft, p_aligned), dt in ((pair, dt) for pair in pairs for dt in dts):
+                kw = dict(draft=p_sft, k=k) if method == "sd" else dict(draft=p_aligned, sft=p_sft, k=k)
                 r = run(sweep, method, draft_top_k=args.draft_top_k, draft_temperature=dt, **kw)
-                row = dict(method=method, draft="heads", K=k, **r,
-                           **{"vs ar": r["tok/s"] / ar["tok/s"], "predicted vs ar": predict(method, k, r["alpha_hat"])})
+                row = dict(method=method, draft=label, K=k, **r,
+                           **{"vs ar": r["tok/s"] / ar["tok/s"],
+                              "predicted vs ar": predict(method, k, r["alpha_hat"], label)})
                 if dt is not None:
                     row["draft T"] = dt
                 if method == "sss":
-                    row["vs eft"] = r["tok/s"] / eft["tok/s"]
+                    row["vs eft"] = r["tok/s"] / efts[label]["tok/s"]
                 rows.append(row)
             if v2 is not None:
                 kw2 = dict(draft=v2[1], k=k) if method == "sd" else dict(draft=v2[0], sft=v2[1], k=k)
@@ -220,7 +242,7 @@ def main():
                     row2["vs eft"] = r2["tok/s"] / eft2["tok/s"]
                 rows.append(row2)
         print(table([{k2: v for k2, v in r.items() if k2 not in ("vader_all", "alpha_i")}
-                     for r in rows[-2 * (len(dts) + (v2 is not None)):]]), flush=True)
+                     for r in rows[-2 * (len(pairs) * len(dts) + (v2 is not None)):]]), flush=True)
     for r in rows:
         r["weights"] = "float32"
     if args.int8:  # the same sweep with int8 weights (target and heads), against the float32 rows above
@@ -247,8 +269,9 @@ def main():
                   flush=True)
     cols = ["method", "draft", "draft T", "weights", "K", "tok/s", "vs ar", "vs ar int8", "predicted vs ar", "vs eft",
             "alpha_hat", "alpha_i", "tokens/target call", "VADER"]
+    c_all = "; ".join(f"{label} c = {pc['head_step'] / pc['target_1']:.3f}" for label, pc in pair_costs.items())
     title = (f"K sweep: batch 1, {len(sweep)} held-out prompts, {args.new_tokens} new tokens, T={args.temperature}, "
-             f"no EOS stop, float32 (and int8 rows with --int8); c = {c:.3f}; {machine()}")
+             f"no EOS stop, float32 (and int8 rows with --int8); {c_all}; {machine()}")
     print()
     print(table([{k2: (str(v) if k2 == "alpha_i" else v) for k2, v in r.items()} for r in rows], cols, title=title))
 
@@ -257,7 +280,9 @@ def main():
             r.pop("vader_all", None)
         write_json(args.out, {"machine": machine(), "command": " ".join(sys.argv), "sft_head": sft.source,
                               "aligned_head": aligned.source, "v2": [m.source for m in v2] if v2 else None,
-                              "step_costs_ms": costs, "c": c, "sweep": rows, "total_s": time.time() - t_start})
+                              "compare_heads": [m.source for m in pairs[1][1:]] if len(pairs) > 1 else None,
+                              "step_costs_ms": costs, "compare_step_costs_ms": pair_costs.get("heads B"), "c": c,
+                              "sweep": rows, "total_s": time.time() - t_start})
         return
     # quality: the fastest SSS K of the sweep unless given
     first = [r for r in rows if r["draft"] == "heads" and r["weights"] == "float32" and r.get("draft T") == dts[0]]
@@ -294,7 +319,9 @@ def main():
         r.pop("vader_all", None)
     write_json(args.out, {"machine": machine(), "command": " ".join(sys.argv), "sft_head": sft.source,
                           "aligned_head": aligned.source, "v2": [m.source for m in v2] if v2 else None,
-                          "step_costs_ms": costs, "c": c, "sweep": rows, "quality": quality,
+                          "compare_heads": [m.source for m in pairs[1][1:]] if len(pairs) > 1 else None,
+                          "step_costs_ms": costs, "compare_step_costs_ms": pair_costs.get("heads B"), "c": c,
+                          "sweep": rows, "quality": quality,
                           "vader_gap": gap, "vader_gap_se": gap_se, "total_s": time.time() - t_start})
 
 
