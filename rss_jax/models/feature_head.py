@@ -56,6 +56,11 @@ class HeadConfig:
     kind: str = "feature_head"
     depth: int = 1  # decoder layers of the head itself (layer 0's weights keep the one-layer names)
 
+    def __post_init__(self):
+        if isinstance(self.depth, bool) or not isinstance(self.depth, (int, np.integer)) or self.depth < 1:
+            raise ValueError(f"a feature-draft head's depth is a number of decoder layers >= 1, got {self.depth!r}")
+        object.__setattr__(self, "depth", int(self.depth))
+
     # what the decoding engine and the KV cache read from any model config
     @property
     def hidden_size(self) -> int:
@@ -123,8 +128,6 @@ class HeadConfig:
     def for_target(cls, config, taps, token_ids, depth: int = 1) -> "HeadConfig":
         """A head whose `depth` decoder layers are shaped like a layer of a Llama-family target (attention and MLP
         widths, RoPE); for GPT-2 and OPT targets the head's layers are Llama-style with the target's widths."""
-        if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
-            raise ValueError(f"a feature-draft head's depth is a number of decoder layers >= 1, got {depth!r}")
         taps = tuple(int(t) for t in taps)
         if not taps:
             raise ValueError("a feature-draft head needs at least one tapped target layer")
@@ -141,7 +144,7 @@ class HeadConfig:
                    max_position_embeddings=config.max_position_embeddings,
                    norm_eps=config.norm_eps if llama else 1e-5, rope_theta=config.rope_theta if llama else 10000.0,
                    rope_scaling=config.rope_scaling if llama else (),
-                   activation="silu", depth=int(depth))
+                   activation="silu", depth=depth)
 
 
 def _describe(target: dict) -> str:
