@@ -32,9 +32,7 @@ demo: $(BASE)
 # (2) 928 more responses, 500 more steps from that head with a total-variation term; (3) 2800 responses to the
 # extra prompts (129 more topics; 1000 prompts answered twice), 350 more steps from that head on them; (4) 250 more
 # steps on the same responses at a lower peak learning rate, then DPO of a copy on VADER-ranked pairs of the
-# twice-answered prompts (reference: the SFT head); (5) 1680 fresh responses to the stage-1/2 prompts, then the
-# SFT head deepened to two decoder layers (the new layer starts as the identity) and trained 600 steps on the 4480
-# responses of stages 3 and 5, and a copy aligned with DPO as in stage 4. About 5 hours on two cores.
+# twice-answered prompts (reference: the SFT head). About 3.5 hours on two cores.
 # (The committed results/train_heads.json and results/train_heads_stage3.json also hold the DPO runs that stages 2
 # and 3 made when each was the last stage; stage 4's SFT steps were first run as a probe whose training log is
 # results/train_heads_probe_s14.json, and results/train_heads_stage4.json resumed its last checkpoint.)
@@ -50,8 +48,6 @@ drafts: $(STAMP)
 	$(PY) scripts/sample_target.py --prompts data/prompts_train_extra.jsonl --responses 1 --max-total 1800 --batch 64 --seed 11 --out $(HEAD_DATA)/train_extra.jsonl
 	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --train-files train_extra.jsonl --init $(HEADS)/smollm2-135m-instruct-sft --steps 350 --eval-every 175 --learning-rate 1e-3 --tv-weight 0.5 --dpo-steps 0 --run-name run3 --save $(HEADS) --out results/train_heads_stage3.json
 	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --train-files train_extra.jsonl --init $(HEADS)/smollm2-135m-instruct-sft --steps 250 --eval-every 125 --learning-rate 3e-4 --tv-weight 0.5 --dpo-steps 100 --run-name run4 --save $(HEADS) --out results/train_heads_stage4.json
-	$(PY) scripts/sample_target.py --prompts data/prompts_train.jsonl --out $(HEAD_DATA)/train_s17.jsonl --batch 64 --seed 17
-	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --train-files train_extra.jsonl,train_s17.jsonl --init $(HEADS)/smollm2-135m-instruct-sft --depth 2 --steps 600 --eval-every 200 --learning-rate 5e-4 --tv-weight 0.5 --dpo-steps 100 --run-name run5 --save $(HEADS) --out results/train_heads_stage5.json
 
 # the earlier separate-model drafts (v2: a 7-layer truncation with a 16k head, distilled, then DPO), which
 # scripts/bench_speculative.py compares with the heads when they are in the cache (about 90 min on 2 cores)
