@@ -216,7 +216,8 @@ def deepen(head: FeatureDraft, depth: int, seed: int = 0) -> FeatureDraft:
     if head.quantize:
         raise ValueError("deepen a float head: this one was quantised for decoding; load it without quantize=")
     if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < cfg.depth:
-        raise ValueError(f"depth must be an integer >= the head's depth {cfg.depth}, got {depth!r}")
+        raise ValueError(f"depth must be an integer >= the head's depth {cfg.depth}, got {depth!r}: a head can be "
+                         "deepened, not cut")
     if depth == cfg.depth:
         return head
     new_cfg = dataclasses.replace(cfg, depth=int(depth))

@@ -180,8 +180,8 @@ def findings(summary: dict) -> list[str]:
                 f"filter: {_signed(nll['sss_exact'] - nll['sd_sft'])})" if "sd_sft" in nll else ""))
         hi = sorted((k for k in nll if k != "vanilla"), key=lambda k: -nll[k])[:3]
         if hi:
-            parts.append("highest: " + ", ".join(f"{m[k]['label']} {_fmt(nll[k], 2)} ({_signed(nll[k] - nll['vanilla'])})"
-                                                 for k in hi))
+            parts.append("highest: " + ", ".join(
+                f"{m[k]['label']} {_fmt(nll[k], 2)} ({_signed(nll[k] - nll['vanilla'])})" for k in hi))
         out.append("* Fluency, the target's NLL per response token (lower reads more like the target's own text): "
                    + "; ".join(parts) + ".")
     bon = next((k for k in m if k.startswith("bon_") and k == f"bon_{summary['settings']['n_max']}"), None)

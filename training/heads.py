@@ -587,9 +587,6 @@ def run_recipe(args) -> dict:
             if not getattr(head, "is_feature_head", False):
                 raise ValueError(f"--init {args.init!r} is not a feature-draft head folder; give the folder a head "
                                  "was saved to (`rss-jax train head-distill` writes OUTPUT/final)")
-            if args.depth is not None and args.depth < head.config.depth:
-                raise ValueError(f"--depth {args.depth} is below the --init head's {head.config.depth} decoder "
-                                 "layers; a head can be deepened, not cut")
             if args.depth is not None:
                 head = rss_jax.heads.deepen(head, args.depth, seed=args.seed)
         else:

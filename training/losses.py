@@ -53,7 +53,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 def masked_ce_sum(logits, tokens, loss_mask):
     """Summed next-token cross-entropy over response tokens (divide by the token count for the mean)."""
-    return -jnp.sum(jnp.where(loss_mask[:, 1:] > 0, token_logps(logits, tokens), 0.0))
+    return -jnp.sum(sequence_logps(logits, tokens, loss_mask))
 
 
 def distill_sum(student_logits, teacher_logits, loss_mask, kind: str = "kl"):
