@@ -226,7 +226,9 @@ def model_info(source: str) -> dict:
         marker = os.path.join(head_path, orbax_io.MARKER)
         try:
             with open(marker) as f:
-                cfg = HeadConfig.from_json(json.load(f)["config"])
+                meta = json.load(f)
+            cfg = HeadConfig.from_json(meta["config"])
+            scale = heads.check_temperature_scale(meta.get("draft_temperature_scale"))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{marker}: corrupt feature-head description ({type(e).__name__}: {e})") from e
         n = num_params(cfg)
@@ -238,6 +240,8 @@ def model_info(source: str) -> dict:
         return {"model": source, "path": os.path.abspath(head_path), "kind": "feature-draft head",
                 "parameters": n, "target": target, "taps (target layers read)": list(cfg.taps),
                 "decoder layers": cfg.depth,
+                "proposal temperature": "the sampling temperature's" if scale is None else
+                f"{scale:g} x the sampling temperature (calibrated)",
                 "draft vocabulary": len(cfg.token_ids), "vocabulary": cfg.target_vocab_size,
                 "chat template": "no (a head uses its target's tokenizer)",
                 "memory float32": _size(4 * n), "memory bfloat16": _size(2 * n)}

@@ -48,7 +48,7 @@ KNOBS = [
     ("--draft-top-k", POS_INT, {"sd", "sss"}, "sd/sss: top-k filter of the draft's proposal"),
     ("--draft-top-p", number(float, 0, 1, low_open=True), {"sd", "sss"}, "sd/sss: top-p filter of the proposal"),
     ("--draft-temperature", POS_FLOAT, {"sd", "sss"}, "sd/sss exact: temperature of the proposal (default: "
-     "--temperature's); the output law does not change"),
+     "a calibrated head's own, else --temperature's); the output law does not change"),
     ("--n", POS_INT, {"bon", "soft-bon", "spr", "gsi", "rsd", "treebon"}, "bon/soft-bon: samples per prompt "
      "(default 8); spr: initial rows (default 8); gsi: candidate steps (default 16); rsd: drafts per step (default "
      "1); treebon: rows (default 16)"),

@@ -47,6 +47,17 @@ KIND = "feature_head"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def check_temperature_scale(value) -> float | None:
+    """A head's draft_temperature_scale: None, or a finite number > 0 (a bad one names itself)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"draft_temperature_scale must be a finite number > 0 (None: draft at the target's "
+                         f"temperature), got {value!r}")
+    return float(value)
+
+
 @dataclasses.dataclass
 class FeatureDraft:
     """A feature-draft head: `config` (HeadConfig), NNX `graphdef` + `state`. It drafts for the target named by
@@ -58,7 +69,15 @@ class FeatureDraft:
     dtype: str = "float32"
     tokenizer: object = None  # heads share their target's tokenizer; they carry none
     quantize: str | None = None  # "int8" after `quantized("int8")` / `rss_jax.load(..., quantize="int8")`
+    # the proposal temperature this head drafts best at, as a fraction of the sampling temperature (measured in
+    # closed form on held-out responses, `training.heads.calibrate_proposal`); None: draft at the target's. SD and
+    # exact SSS sample their proposal at draft_temperature_scale * temperature unless given draft_temperature; the
+    # output law does not change (q is what the drafts were sampled from), only how often drafts are accepted
+    draft_temperature_scale: float | None = None
     is_feature_head = True
+
+    def __post_init__(self):
+        self.draft_temperature_scale = check_temperature_scale(self.draft_temperature_scale)
 
     def quantized(self, kind: str = "int8") -> "FeatureDraft":
         """An int8 weight-only copy of the head (`FeatureHead.quantize_int8`), for decoding."""
@@ -111,15 +130,20 @@ class FeatureDraft:
         with atomic_folder(path) as tmp:
             save_file(flat, os.path.join(tmp, WEIGHTS))
             public_mode(os.path.join(tmp, WEIGHTS))
+            meta = {"format": 1, "kind": KIND, "config": self.config.to_json()}
+            if self.draft_temperature_scale is not None:
+                meta["draft_temperature_scale"] = self.draft_temperature_scale
             with open(os.path.join(tmp, MARKER), "w") as f:
-                json.dump({"format": 1, "kind": KIND, "config": self.config.to_json()}, f, indent=1)
+                json.dump(meta, f, indent=1)
         return path
 
     def __repr__(self):
         c = self.config
+        scale = "" if self.draft_temperature_scale is None else \
+            f", draft_temperature_scale={self.draft_temperature_scale:g}"
         return (f"FeatureDraft(taps={list(c.taps)}, layers={c.depth}, vocab={len(c.token_ids)} of "
-                f"{c.target_vocab_size}, target={c.target_model_type or c.target_family} x{c.target_num_layers}, "
-                f"source={self.source!r})")
+                f"{c.target_vocab_size}, target={c.target_model_type or c.target_family} x{c.target_num_layers}"
+                f"{scale}, source={self.source!r})")
 
 
 def is_head_folder(path: str) -> bool:
@@ -160,6 +184,7 @@ def load_head(path: str, dtype: str = "float32") -> FeatureDraft:
         with open(marker) as f:
             meta = json.load(f)
         config = HeadConfig.from_json(meta["config"])
+        scale = check_temperature_scale(meta.get("draft_temperature_scale"))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{marker}: corrupt feature-head description ({type(e).__name__}: {e})") from e
     weights = os.path.join(path, WEIGHTS)
@@ -170,7 +195,9 @@ def load_head(path: str, dtype: str = "float32") -> FeatureDraft:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({e}); save the head again") \
             from e
-    return from_flat(config, flat, dtype=dtype, source=os.path.abspath(path))
+    head = from_flat(config, flat, dtype=dtype, source=os.path.abspath(path))
+    head.draft_temperature_scale = scale
+    return head
 
 
 def new_head(target, taps=None, token_ids=None, seed: int = 0, warm_start: bool = False,
@@ -228,7 +255,9 @@ def deepen(head: FeatureDraft, depth: int, seed: int = 0) -> FeatureDraft:
     for layer in range(cfg.depth, depth):
         for name in ("wo", "w_down"):
             flat[f"block{layer}.{name}"] = np.zeros_like(flat[f"block{layer}.{name}"])
-    return from_flat(new_cfg, flat, dtype=head.dtype, source=f"{head.source} deepened to {depth} layers")
+    deep = from_flat(new_cfg, flat, dtype=head.dtype, source=f"{head.source} deepened to {depth} layers")
+    deep.draft_temperature_scale = head.draft_temperature_scale  # it computes the same logits
+    return deep
 
 
 __all__ = ["FeatureDraft", "HeadConfig", "HeadTargetMismatch", "deepen", "load_head", "new_head", "is_head_folder"]

@@ -2,6 +2,7 @@
 point as subprocesses), resume, info, bench, help examples, and one-line errors with exit code 2."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -66,6 +67,10 @@ def test_train_head_recipes(tiny_checkpoints, tmp_path, capsys):
     assert main(["info", deep.source, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["decoder layers"] == 2 and info["parameters"] == deep.num_params > head.num_params
+    assert info["proposal temperature"] == "the sampling temperature's"
+    dataclasses.replace(deep, draft_temperature_scale=0.85).save(str(tmp_path / "calibrated"))
+    assert main(["info", str(tmp_path / "calibrated"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["proposal temperature"].startswith("0.85 x")
     # the same output folder again without --resume, and a model given as --sft: one-line errors, exit 2
     assert main(args) == 2 and "already holds a run" in capsys.readouterr().err
     bad = dpo[:dpo.index("--sft") + 1] + [src] + dpo[dpo.index("--sft") + 2:]

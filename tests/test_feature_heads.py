@@ -201,16 +201,19 @@ def _check_offsets(stats, k):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k,draft_top_k,draft_t", [(1, None, None), (2, None, None), (3, 6, 0.5)])
-def test_sd_with_head_samples_the_target_law(models, laws, k, draft_top_k, draft_t):
-    """The target's own law softmax(l_ref / T) for every K (draft_top_k and draft_temperature change only the
-    proposal)."""
+@pytest.mark.parametrize("k,draft_top_k,scale", [(1, None, None), (2, None, None), (3, 6, 0.5 / SD_T)])
+def test_sd_with_head_samples_the_target_law(models, laws, k, draft_top_k, scale):
+    """The target's own law softmax(l_ref / T) for every K (draft_top_k and the proposal temperature change only
+    the proposal). K 3 uses a calibrated head: its draft_temperature_scale sets the proposal's temperature."""
     lm, _, _, proposal = models
     law = laws["sd"]
+    if scale is not None:
+        proposal = dataclasses.replace(proposal, draft_temperature_scale=scale)
     out = rj.generate(lm, [PROMPT] * N, method="sd", draft=proposal, k=k, max_new_tokens=3, temperature=SD_T,
-                      eos=[], seed=31 + k, draft_top_k=draft_top_k, draft_temperature=draft_t)
+                      eos=[], seed=31 + k, draft_top_k=draft_top_k)
     _check_law(out, law)
     s = out.stats
+    assert s["draft_temperature"] == pytest.approx(SD_T if scale is None else 0.5)
     assert s["feature_heads"] and 0.05 < s["acceptance_rate"] < 0.95
     _check_offsets(s, k)
     assert all(0 < x < 1 for x in s["acceptance_by_offset"])
@@ -224,10 +227,14 @@ def test_sss_exact_and_eft_with_heads_sample_p_tilde(models, laws, method, k):
     true features; the same for every K and for EFT (K = 0)."""
     lm, aligned, sft, _ = models
     law = laws["p_tilde"]
-    # K 3 also samples its proposal at another temperature: p~ (from the heads at T 1) must not move
+    # K 3 also samples its proposal at another temperature (the aligned head calibrated to 0.6 of T): p~ (from the
+    # heads at T 1) must not move
+    if k == 3:
+        aligned = dataclasses.replace(aligned, draft_temperature_scale=0.6)
     out = rj.generate(lm, [PROMPT] * N, method=method, draft=aligned, sft=sft, k=max(k, 1), max_new_tokens=3,
-                      temperature=1.0, eos=[], seed=51 + k, draft_temperature=0.6 if k == 3 else None)
+                      temperature=1.0, eos=[], seed=51 + k)
     _check_law(out, law)
+    assert out.stats["draft_temperature"] == (None if method == "eft" else 0.6 if k == 3 else 1.0)
     assert set(np.unique(out.tokens).tolist()) <= set(D_R)
     if method == "sss":
         s = out.stats
@@ -247,6 +254,36 @@ def test_drafting_time_pi_r_is_caught(models, laws, monkeypatch):
                       temperature=1.0, eos=[], seed=43)
     tv, limit = _tv_check(out.tokens[:, :2], law.sum(2))
     assert tv > 2 * limit, (tv, limit)
+
+
+def test_draft_temperature_scale_is_saved_loaded_and_used(models, tmp_path):
+    """A head's draft_temperature_scale survives save/load (and deepen), sets the proposal temperature of SD and
+    exact SSS when draft_temperature is not given, and folds away where the method drafts nothing or assumes the
+    target's temperature; a bad scale is refused by name."""
+    from rss_jax import engine
+    from rss_jax.loading.names import CheckpointError
+    lm, aligned, sft, proposal = models
+    head = dataclasses.replace(proposal, draft_temperature_scale=0.8)
+    path = head.save(str(tmp_path / "h"))
+    back = rj.load(path)
+    assert back.draft_temperature_scale == 0.8 and "draft_temperature_scale=0.8" in repr(back)
+    assert rheads.deepen(back, 3).draft_temperature_scale == 0.8
+    assert rj.load(proposal.save(str(tmp_path / "plain"))).draft_temperature_scale is None
+    cal = dataclasses.replace(aligned, draft_temperature_scale=0.8)
+    assert engine.spec_config(lm, "sd", head, temperature=0.5).proposal_temperature == pytest.approx(0.4)
+    assert engine.spec_config(lm, "sd", head, temperature=0.5, draft_temperature=0.5).draft_temperature is None
+    assert engine.spec_config(lm, "sd", head, temperature=0.5, draft_temperature=0.3).proposal_temperature == 0.3
+    assert engine.spec_config(lm, "sss", cal, sft, temperature=0.5).proposal_temperature == pytest.approx(0.4)
+    for kw in (dict(method="sss", mode="paper"), dict(method="sss", mode="authors_code"), dict(method="eft")):
+        assert engine.spec_config(lm, draft=cal, sft=sft, temperature=0.5, **kw).draft_temperature is None
+    assert engine.spec_config(lm, "sd", head, temperature=0.0).draft_temperature is None
+    for bad in (0.0, -1.0, float("nan"), "0.8", True):
+        with pytest.raises(ValueError, match="draft_temperature_scale must be a finite number > 0"):
+            dataclasses.replace(proposal, draft_temperature_scale=bad)
+    marker = tmp_path / "h" / "rss_jax.json"
+    marker.write_text(marker.read_text().replace('"draft_temperature_scale": 0.8', '"draft_temperature_scale": -2'))
+    with pytest.raises(CheckpointError, match="draft_temperature_scale"):
+        rj.load(path)
 
 
 def test_paper_mode_with_heads(models):

@@ -109,18 +109,31 @@ def test_deeper_heads_deepen_save_and_refuse(tiny, tmp_path):
         rj.heads.new_head(tiny, depth=0)
 
 
-def _numpy_alpha(tiny, head, fs, steps, draft_temperature=0.8):
-    """Sum_v min(p, q_i) recomputed with NumPy from uncached forwards and an explicit fed-back loop."""
+def _numpy_alpha(tiny, head, fs, steps, draft_temperature=0.8, sft=None, shift=1.0):
+    """Sum_v min(p, q_i) recomputed with NumPy from uncached forwards and an explicit fed-back loop. With `sft`, p is
+    exact SSS's p~ = softmax_D((l_ref + shift (l_r - l_sft)) / 0.8), l_r / l_sft the heads on true features."""
     emb, rows = th.target_tables(tiny, head)
     hm = head.module
     ids = np.asarray(head.config.token_ids)
     sums, counts = np.zeros(steps), np.zeros(steps)
+
+    def true_logits(h, feat, toks, length):  # every slot's logits on true features, one uncached forward
+        cache = init_cache(h.config, 1, 64)
+        return np.asarray(h.module(feat[:, :length - 1], toks[:, 1:length], emb, rows, cache=cache,
+                                   lengths=jnp.zeros((1,), jnp.int32))[0][0], np.float64)
+
     for n in range(len(fs)):
         length, plen = int(fs.lengths[n]), int(fs.prompt_lens[n])
         toks = jnp.asarray(fs.tokens[n:n + 1, :length])
         logits, _, taps = tiny.module(toks, taps=head.config.taps)
         p_full = np.asarray(jax.nn.softmax(logits[0] / 0.8, axis=-1), np.float64)
         feat = hm.fuse(taps)
+        if sft is not None:  # p~ over D at slot u (position u + 1), in place of the target's p
+            shifted = np.asarray(logits[0], np.float64)[1:length, ids] + shift * (
+                true_logits(head, feat, toks, length) - true_logits(sft, sft.module.fuse(taps), toks, length))
+            e = np.exp((shifted - shifted.max(axis=1, keepdims=True)) / 0.8)
+            p_full = np.zeros((length, tiny.config.vocab_size))
+            p_full[1:, ids] = e / e.sum(axis=1, keepdims=True)
         for s0 in range(max(plen - 2, 0), length - 2):
             cache = init_cache(head.config, 1, 64)
             lg, h, cache = hm(feat[:, :s0 + 1], toks[:, 1:s0 + 2], emb, rows, cache=cache,
@@ -147,8 +160,38 @@ def test_closed_form_acceptance_matches_numpy(tiny, records):
     np.testing.assert_allclose(got, want, atol=2e-3)
     # a proposal at another temperature (the engine's draft_temperature): only q changes
     sharp = th.evaluate_acceptance(tiny, head, fs, steps=3, temperature=0.8, batch_size=4, draft_temperature=0.5)
-    np.testing.assert_allclose(sharp, _numpy_alpha(tiny, head, fs, 3, draft_temperature=0.5), atol=2e-3)
+    want_sharp = _numpy_alpha(tiny, head, fs, 3, draft_temperature=0.5)
+    np.testing.assert_allclose(sharp, want_sharp, atol=2e-3)
     assert np.abs(np.asarray(sharp) - np.asarray(got)).max() > 0.01
+    # calibration: the scale of the NumPy-best proposal, each row's alpha the NumPy one at scale * T
+    best, rows = th.calibrate_proposal(tiny, head, fs, scales=(0.625, 1.0), steps=3, temperature=0.8, batch_size=4)
+    assert [r["draft_temperature"] for r in rows] == [0.5, 0.8]
+    np.testing.assert_allclose(rows[0]["alpha"], want_sharp, atol=2e-3)
+    np.testing.assert_allclose(rows[1]["alpha"], want, atol=2e-3)
+    assert best == (0.625 if want_sharp.mean() > want.mean() else 1.0)
+    with pytest.raises(ValueError, match="finite number > 0"):
+        th.calibrate_proposal(tiny, head, fs, scales=(0.0,))
+
+
+def test_closed_form_sss_acceptance_matches_numpy(tiny, records):
+    """Exact SSS's closed-form acceptance: the draft's proposal against p~ built from both heads on true features."""
+    ids = list(range(V - 8))
+    draft = rj.heads.new_head(tiny, taps=(1, 2), token_ids=ids, seed=5)
+    sft = rj.heads.new_head(tiny, taps=(1, 2), token_ids=ids, seed=6)
+    fs = th.extract_features(tiny, records[:4], draft.config.taps, 0.8, width=32, batch_size=4, progress=False)
+    got = th.evaluate_shifted_acceptance(tiny, draft, sft, fs, steps=2, temperature=0.8, shift=1.5, batch_size=4,
+                                         draft_temperature=0.6)
+    want = _numpy_alpha(tiny, draft, fs, 2, draft_temperature=0.6, sft=sft, shift=1.5)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    # not the plain (target) acceptance: p~ moved
+    plain = _numpy_alpha(tiny, draft, fs, 2, draft_temperature=0.6)
+    assert np.abs(np.asarray(got) - plain).max() > 0.01
+    best, rows = th.calibrate_proposal(tiny, draft, fs, scales=(0.75, 1.0), steps=2, batch_size=4, sft=sft,
+                                       shift=1.5)
+    np.testing.assert_allclose(rows[0]["alpha"], got, atol=1e-6)
+    other = rj.heads.new_head(tiny, taps=(0, 2), token_ids=ids, seed=7)
+    with pytest.raises(ValueError, match="same taps and draft vocabulary"):
+        th.evaluate_shifted_acceptance(tiny, draft, other, fs)
 
 
 def test_feature_sets_concatenate_row_for_row(tiny, records):

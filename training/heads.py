@@ -400,6 +400,78 @@ def evaluate_acceptance(target, head: FeatureDraft, fs: FeatureSet, steps: int =
     return (sums / np.maximum(counts, 1)).tolist()
 
 
+def evaluate_shifted_acceptance(target, draft: FeatureDraft, sft: FeatureDraft, fs: FeatureSet, steps: int = 3,
+                                temperature: float = 0.8, shift: float = 1.0, batch_size: int = 16,
+                                draft_temperature: float | None = None) -> list[float]:
+    """Closed-form per-offset acceptance of exact SSS with heads: alpha_i = mean over response positions of
+    sum_v min(q_i, p~), p~ = softmax over D of (l_ref + shift (l_r - l_sft)) / T, where l_r and l_sft are the aligned
+    `draft` and its `sft` head on the target's true features (what the engine's re-run puts into p~) and q_i is the
+    draft's drafting step i (fed-back features for i >= 2) at `draft_temperature` (default `temperature`). Both
+    heads must share taps and draft vocabulary (as a head and its DPO copy do). The samples in `fs` are the
+    target's, not p~'s, so this weighs positions by the unaligned target's text: a proxy for SSS's own."""
+    if draft.config.token_ids != sft.config.token_ids or tuple(draft.config.taps) != tuple(sft.config.taps):
+        raise ValueError("evaluate_shifted_acceptance needs an aligned head and an SFT head with the same taps and "
+                         "draft vocabulary (the aligned head is a DPO copy of the SFT head)")
+    draft.check_target(target)
+    embed, rows = target_tables(target, draft)
+    dt = validate_draft_temperature(draft_temperature) or temperature
+    static = (draft.graphdef, sft.graphdef, steps, float(temperature), float(dt))
+    sums, counts = np.zeros(steps), np.zeros(steps)
+    for s in range(0, len(fs), batch_size):
+        idx = np.arange(s, min(s + batch_size, len(fs)))
+        pad = batch_size - len(idx)
+        batch = _batch(fs, np.concatenate([idx, np.full(pad, idx[0])]) if pad else idx)
+        if pad:
+            batch["lengths"] = batch["lengths"].at[len(idx):].set(0)
+        alpha_sum, n = _shifted_alpha_sums(static, draft.state, sft.state, batch, embed, rows, jnp.float32(shift))
+        sums += np.asarray(alpha_sum)
+        counts += np.asarray(n)
+    return (sums / np.maximum(counts, 1)).tolist()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _shifted_alpha_sums(static, p_draft, p_sft, batch, embed_table, out_rows, shift):
+    gd_d, gd_s, steps, temperature, draft_t = static
+    draft, sft = nnx.merge(gd_d, p_draft), nnx.merge(gd_s, p_sft)
+    lq = ttt_logits(draft, batch["taps"], batch["tokens"], embed_table, out_rows, steps)
+    ls = ttt_logits(sft, batch["taps"], batch["tokens"], embed_table, out_rows, 1)[0]
+    lt = jnp.einsum("bte,ve->btv", batch["final"][:, 1:].astype(jnp.float32), out_rows,
+                    preferred_element_type=jnp.float32)
+    p_tilde = jax.nn.softmax((lt + shift * (lq[0] - ls)) / temperature, axis=-1)
+    masks = step_masks(batch["lengths"], batch["prompt_lens"], batch["tokens"].shape[1], steps)
+    overlap = [jnp.sum(jnp.sum(jnp.minimum(jax.nn.softmax(lq[j] / draft_t, axis=-1), p_tilde), axis=-1) * masks[j])
+               for j in range(steps)]
+    return jnp.stack(overlap), masks.sum(axis=(1, 2))
+
+
+def calibrate_proposal(target, head: FeatureDraft, fs: FeatureSet, scales=(0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0),
+                       steps: int = 3, temperature: float = 0.8, batch_size: int = 16, sft: FeatureDraft | None = None,
+                       shift: float = 1.0) -> tuple[float, list[dict]]:
+    """The proposal temperature, as a fraction of `temperature`, at which `head` drafts best on `fs` (held-out
+    responses of the target): the scale with the highest mean closed-form acceptance alpha_1..alpha_steps at
+    draft_temperature = scale * temperature, against the target (`evaluate_acceptance`, an SD proposal) or, given
+    the `sft` head, against exact SSS's p~ (`evaluate_shifted_acceptance`, an aligned head). A head distilled with
+    KL(p || q) tends to be under-confident, and a sharper proposal then overlaps more; any proposal keeps SD and
+    exact SSS exact. Returns (best scale, one row {scale, draft_temperature, alpha, mean_alpha} per scale)."""
+    if not scales:
+        raise ValueError("calibrate_proposal needs at least one scale to try, e.g. scales=(0.8, 0.9, 1.0)")
+    rows = []
+    for sc in scales:
+        if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not math.isfinite(sc) or sc <= 0:
+            raise ValueError(f"a proposal temperature scale must be a finite number > 0, got {sc!r}")
+        dt = None if sc == 1 else sc * temperature
+        if sft is None:
+            alpha = evaluate_acceptance(target, head, fs, steps=steps, temperature=temperature,
+                                        batch_size=batch_size, draft_temperature=dt)
+        else:
+            alpha = evaluate_shifted_acceptance(target, head, sft, fs, steps=steps, temperature=temperature,
+                                                shift=shift, batch_size=batch_size, draft_temperature=dt)
+        rows.append({"scale": float(sc), "draft_temperature": float(sc) * temperature, "alpha": alpha,
+                     "mean_alpha": float(np.mean(alpha))})
+    best = max(rows, key=lambda r: r["mean_alpha"])
+    return best["scale"], rows
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _alpha_sums(spec: HeadTrainSpec, params, batch, embed_table, out_rows):
     """Per drafting step: (sum over counted positions of sum_v min(p, q_j), number of counted positions)."""

@@ -21,7 +21,9 @@ def generate(lm, prompts, method="ar", draft=None, sft=None, k=4, mode="exact", 
     drafts must be heads or both models; prompts of at least 2 tokens).
     draft_top_k, draft_top_p, draft_temperature (sd, and sss exact): filter or re-temper only the proposal the drafts
     are sampled from; the output law stays the target's (sd) or p~ (sss). A proposal a little sharper than the
-    target (draft_temperature below temperature) can raise acceptance when the draft is under-confident.
+    target (draft_temperature below temperature) can raise acceptance when the draft is under-confident. With
+    draft_temperature None, a head calibrated for that (`draft.draft_temperature_scale`, as the shipped heads are)
+    drafts at scale * temperature; pass draft_temperature=temperature to draft at the target's temperature.
     prompt_offset: prompt b samples with the keys of row prompt_offset + b, so a long list decoded in chunks (each
     with offset = its start) gives the same tokens as one call.
     Returns texts, tokens [B, max_new_tokens] (-1 after each row's length; a final EOS is included), lengths, stats.

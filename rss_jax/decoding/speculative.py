@@ -382,14 +382,28 @@ def pooled_stats(outputs) -> dict:
             float("nan")}
 
 
+def head_draft_temperature(draft, method: str, mode: str, temperature: float) -> float | None:
+    """The proposal temperature a calibrated feature-draft head asks for (its draft_temperature_scale times the
+    sampling temperature) where the method samples a proposal it can re-temper: SD and exact SSS, temperature > 0.
+    None otherwise (EFT drafts nothing; SSS paper/authors_code assume pi_r at the target's temperature)."""
+    scale = getattr(draft, "draft_temperature_scale", None)
+    if scale is None or not temperature > 0 or method not in ("sd", "sss") or (method == "sss" and mode != "exact"):
+        return None
+    return float(scale) * float(temperature)
+
+
 def spec_config(lm, base_cfg, method, draft, sft, k, mode, shift, draft_top_k, draft_top_p,
                 draft_temperature=None) -> SpecConfig:
-    """The validated static config of `spec_loop` for target `lm`, its `draft` (and `sft` for sss/eft)."""
+    """The validated static config of `spec_loop` for target `lm`, its `draft` (and `sft` for sss/eft). With
+    draft_temperature None, a calibrated head's own proposal temperature is used (`head_draft_temperature`); pass
+    the sampling temperature to draft at it instead."""
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k (draft tokens per block) must be an integer >= 1, got {k!r}")
     if draft_top_k is not None or draft_top_p is not None:
         sampling.validate_sampling_args(1.0, draft_top_k, draft_top_p, None)
     draft_temperature = sampling.validate_draft_temperature(draft_temperature)
+    if draft_temperature is None:
+        draft_temperature = head_draft_temperature(draft, method, mode, base_cfg.temperature)
     if draft_temperature is not None:
         if method == "sss" and mode != "exact":
             raise ValueError(f"draft_temperature changes the proposal, and SSS mode {mode!r} assumes the drafts "
@@ -441,7 +455,7 @@ def generate_speculative(lm, prompt_ids, base_cfg, method, draft, sft, k, mode, 
              "accepted_histogram": st["hist"].sum(axis=0).tolist(),
              "acceptance_by_offset": acceptance_by_offset(st["hist"].sum(axis=0)),
              "bonus_tokens": int(st["bonus"].sum()), "empty_residuals": int(st["empty"].sum()),
-             "feature_heads": _is_head(draft)}
+             "feature_heads": _is_head(draft), "draft_temperature": None if cfg.k == 0 else cfg.proposal_temperature}
     if method == "sss":
         cnt = st["c_count"].sum()
         stats["mean_c"] = float(st["c_sum"].sum() / cnt) if cnt else float("nan")
