@@ -473,7 +473,8 @@ def fluency(lm, work: str, s: Settings, jobs, batch_size: int = 16, slice_respon
 
 
 def weights_fingerprint(*models) -> str:
-    """A short hash of the models' weights (every array's dtype, shape and bytes) and draft vocabularies."""
+    """A short hash of the models' weights (every array's dtype, shape and bytes), draft vocabularies and proposal
+    calibrations."""
     import jax
     h = hashlib.sha256()
     for m in models:
@@ -482,6 +483,9 @@ def weights_fingerprint(*models) -> str:
         if ids is None:
             ids = getattr(cfg, "head_token_ids", None)  # a trimmed-head LM's
         h.update(repr(None if ids is None else list(ids)).encode())
+        scale = getattr(m, "draft_temperature_scale", None)  # a calibrated head drafts at another temperature
+        if scale is not None:  # (only then: the fingerprints of uncalibrated drafts stay what they were)
+            h.update(f"draft_temperature_scale={scale!r}".encode())
         for leaf in jax.tree.leaves(m.state):
             a = np.asarray(leaf)
             h.update(f"{a.dtype}{a.shape}".encode())

@@ -210,6 +210,10 @@ def test_re_made_heads_rerun_only_the_methods_that_use_them(first_run, tiny, tmp
     other = rheads.from_flat(aligned.config, flatten(nnx.to_pure_dict(nnx.state(init_head(aligned.config, 7)))),
                              source="tiny-head-7")
     assert w2s.weights_fingerprint(sft, other) != w2s.weights_fingerprint(sft, aligned)
+    # a calibrated proposal temperature draws other tokens: it changes the fingerprint too
+    import dataclasses
+    calibrated = dataclasses.replace(aligned, draft_temperature_scale=0.8)
+    assert w2s.weights_fingerprint(sft, calibrated) != w2s.weights_fingerprint(sft, aligned)
     ran = []
 
     def replay(ctx, method, prompts, offset, index, timing=False):
