@@ -244,6 +244,19 @@ def test_sss_exact_and_eft_with_heads_sample_p_tilde(models, laws, method, k):
         assert out.stats["k"] == 0 and out.stats["acceptance_by_offset"] == []
 
 
+@pytest.mark.parametrize("method,k", [("sss", 2), ("eft", 0)])
+def test_heads_sharing_a_draft_vocabulary_sample_p_tilde(models, method, k):
+    """An SFT head with the aligned head's own vocabulary (as a head and its DPO copy have): the re-run scores both
+    heads with one product over the shared rows W[D]; the law is still p~."""
+    lm, aligned, _, _ = models
+    sft = _head(lm.config, (1,), D_R, 4)
+    law = _law3(lm, [aligned, sft], _p_tilde)
+    out = rj.generate(lm, [PROMPT] * N, method=method, draft=aligned, sft=sft, k=max(k, 1), max_new_tokens=3,
+                      temperature=1.0, eos=[], seed=61 + k)
+    _check_law(out, law)
+    assert set(np.unique(out.tokens).tolist()) <= set(D_R)
+
+
 def test_drafting_time_pi_r_is_caught(models, laws, monkeypatch):
     """The wrong rule (the drafting-time, fed-back pi_r inside p~) samples a measurably different law: the same
     check rejects it."""

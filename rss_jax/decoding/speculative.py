@@ -51,7 +51,7 @@ from rss_jax import sampling
 from rss_jax.cache import init_cache
 from rss_jax.decoding import common
 from rss_jax.models.feature_head import full_vocab
-from rss_jax.models.base import compute_dtype, decode_model
+from rss_jax.models.base import compute_dtype, decode_model, head_product
 
 NEG = -1e9  # logit for vocabulary rows a model does not have (finite, so l_r - l_sft stays defined)
 
@@ -138,7 +138,9 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
         rows_d = jnp.take(w_out, jnp.asarray(draft.config.token_ids), axis=0)
         draft_ids = jnp.asarray(draft.config.token_ids, jnp.int32)
         draft_ok = draft_ids < min(v, usable or v)  # ids fit_vocab keeps (a tokenizer may be smaller)
-        rows_s = jnp.take(w_out, jnp.asarray(sft.config.token_ids), axis=0) if sft is not None else None
+        # a head and its DPO copy share D, so the re-run can score both in one product (static)
+        shared_rows = sft is not None and tuple(sft.config.token_ids) == tuple(draft.config.token_ids)
+        rows_s = None if sft is None or shared_rows else jnp.take(w_out, jnp.asarray(sft.config.token_ids), axis=0)
 
         def head_logits(model, logits_d):
             return fit_vocab(full_vocab(logits_d, model.config.token_ids, vh), v, usable)
@@ -226,8 +228,14 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
             # 3. true-feature re-run at head slots L-1..L+K-1: features of slots L-1..L+K-1, tokens x_L..x_{L+K}
             feats = jnp.concatenate([tap_prev[:, None], taps_new[:, :k]], axis=1)  # [B, K+1, n_all, E]
             if cfg.three_models:
-                lr, _, c_d = draft(feat_d(feats), fed, embed, rows_d, cache=c_d, lengths=head_len)
-                ls, _, c_s = sft(feat_s(feats), fed, embed, rows_s, cache=c_s, lengths=head_len)
+                if shared_rows:  # both heads score the same rows W[D]: one product, W[D] streamed once, not twice
+                    _, hr, c_d = draft(feat_d(feats), fed, embed, None, cache=c_d, lengths=head_len)
+                    _, hs, c_s = sft(feat_s(feats), fed, embed, None, cache=c_s, lengths=head_len)
+                    both = head_product(draft, jnp.concatenate([draft.normed(hr), sft.normed(hs)], axis=1), rows_d)
+                    lr, ls = both[:, :k + 1], both[:, k + 1:]
+                else:
+                    lr, _, c_d = draft(feat_d(feats), fed, embed, rows_d, cache=c_d, lengths=head_len)
+                    ls, _, c_s = sft(feat_s(feats), fed, embed, rows_s, cache=c_s, lengths=head_len)
                 l_r, l_s = head_logits(draft, lr), head_logits(sft, ls)  # [B, K+1, V]
                 if cfg.drafting_pi_r:  # the wrong rule (tests only): fed-back logits inside p~
                     l_r = jnp.concatenate([l_d, l_r[:, k:]], axis=1)

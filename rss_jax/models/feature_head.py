@@ -287,8 +287,12 @@ class FeatureHead(nnx.Module):
 
     def logits(self, h, out_rows):
         """Output hidden states [B, T, E] -> logits over the draft vocabulary [B, T, |D|] float32."""
-        y = rms_norm(h, self.out_norm.value, self.config.norm_eps)
-        return head_product(self, y, out_rows)
+        return head_product(self, self.normed(h), out_rows)
+
+    def normed(self, h):
+        """Output hidden states [B, T, E] -> what the output rows score (the output norm applied); two heads over
+        the same rows can then be scored in one product (the decode loop does that for SSS and EFT)."""
+        return rms_norm(h, self.out_norm.value, self.config.norm_eps)
 
 
 def full_vocab(logits_d, token_ids: tuple, vocab: int):
