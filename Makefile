@@ -27,15 +27,20 @@ demo: $(BASE)
 	$(PY) -m rss_jax.cli demo
 
 # re-make the shipped feature-draft heads of the built-in model (rss_jax/assets/heads; docs/feature_heads.md), in
-# the four stages they were made in: (1) the target samples 120 held-out and 2432 training responses (T 0.8, up to
+# the six stages they were made in: (1) the target samples 120 held-out and 2432 training responses (T 0.8, up to
 # 128 tokens; cached, resumable) and an SFT head is distilled on its tapped features (multi-step loss, 450 steps);
 # (2) 928 more responses, 500 more steps from that head with a total-variation term; (3) 2800 responses to the
 # extra prompts (129 more topics; 1000 prompts answered twice), 350 more steps from that head on them; (4) 250 more
 # steps on the same responses at a lower peak learning rate, then DPO of a copy on VADER-ranked pairs of the
-# twice-answered prompts (reference: the SFT head). About 3.5 hours on two cores.
+# twice-answered prompts (reference: the SFT head); (5) 1680 fresh responses to the stage-1/2 prompts, 300 more
+# steps on all 4480 responses; (6) the target answers the 2070 extra prompts not yet answered (6550 responses),
+# 400 more steps, then DPO of a copy as in stage 4; last, both heads' proposal temperature is calibrated on the
+# held-out responses (scripts/calibrate_heads.py). About 6 hours on two cores.
 # (The committed results/train_heads.json and results/train_heads_stage3.json also hold the DPO runs that stages 2
 # and 3 made when each was the last stage; stage 4's SFT steps were first run as a probe whose training log is
-# results/train_heads_probe_s14.json, and results/train_heads_stage4.json resumed its last checkpoint.)
+# results/train_heads_probe_s14.json, and results/train_heads_stage4.json resumed its last checkpoint. Stages 5
+# and 6 were run as probes whose reports are results/train_heads_probe_s18_d1.json, which also aligned a copy that
+# stage 6 replaced, and results/train_heads_probe_s19.json; calibration's is results/calibrate_heads_probe_s19.json.)
 HEAD_DATA := $(or $(RSS_JAX_CACHE),$(HOME)/.cache/rss_jax)/head_data
 HEADS := rss_jax/assets/heads
 drafts: $(STAMP)
@@ -48,6 +53,11 @@ drafts: $(STAMP)
 	$(PY) scripts/sample_target.py --prompts data/prompts_train_extra.jsonl --responses 1 --max-total 1800 --batch 64 --seed 11 --out $(HEAD_DATA)/train_extra.jsonl
 	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --train-files train_extra.jsonl --init $(HEADS)/smollm2-135m-instruct-sft --steps 350 --eval-every 175 --learning-rate 1e-3 --tv-weight 0.5 --dpo-steps 0 --run-name run3 --save $(HEADS) --out results/train_heads_stage3.json
 	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --train-files train_extra.jsonl --init $(HEADS)/smollm2-135m-instruct-sft --steps 250 --eval-every 125 --learning-rate 3e-4 --tv-weight 0.5 --dpo-steps 100 --run-name run4 --save $(HEADS) --out results/train_heads_stage4.json
+	$(PY) scripts/sample_target.py --prompts data/prompts_train.jsonl --batch 64 --seed 17 --out $(HEAD_DATA)/train_s17.jsonl
+	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --train-files train_extra.jsonl,train_s17.jsonl --init $(HEADS)/smollm2-135m-instruct-sft --steps 300 --eval-every 150 --learning-rate 3e-4 --tv-weight 0.5 --dpo-steps 0 --run-name run5 --save $(HEADS) --out results/train_heads_stage5.json
+	$(PY) scripts/sample_target.py --prompts data/prompts_train_extra.jsonl --responses 1 --batch 64 --seed 11 --out $(HEAD_DATA)/train_extra.jsonl
+	$(PY) scripts/train_heads.py --data $(HEAD_DATA) --train-files train_extra.jsonl,train_s17.jsonl --init $(HEADS)/smollm2-135m-instruct-sft --steps 400 --eval-every 200 --learning-rate 3e-4 --tv-weight 0.5 --dpo-steps 100 --run-name run6 --save $(HEADS) --out results/train_heads_stage6.json
+	$(PY) scripts/calibrate_heads.py --heads $(HEADS) --out results/calibrate_heads.json
 
 # the earlier separate-model drafts (v2: a 7-layer truncation with a 16k head, distilled, then DPO), which
 # scripts/bench_speculative.py compares with the heads when they are in the cache (about 90 min on 2 cores)

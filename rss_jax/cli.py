@@ -170,7 +170,8 @@ def cmd_demo(args) -> int:
         if name in ("sd", "sss"):
             pooled = pooled_stats(outs)
             row.update({"acceptance": pooled["acceptance_rate"], "alpha_hat": pooled["alpha_hat"],
-                        "tokens/target call": pooled["tokens_per_block"]})
+                        "tokens/target call": pooled["tokens_per_block"],
+                        "proposal T": outs[0].stats["draft_temperature"]})
         if reward is not None:
             row["VADER"] = float(np.mean([reward.score(o.prompt_ids, [o.tokens[0][:o.lengths[0]].tolist()])[0]
                                           for o in outs]))
@@ -184,8 +185,8 @@ def cmd_demo(args) -> int:
         for name, _ in runs:
             print(f"--- {name}:\n{texts[name][i].strip()}")
     print()
-    cols = ["method", "new tokens", "wall s", "tokens/s", "vs ar", "acceptance", "alpha_hat", "tokens/target call",
-            "VADER", "compile s"]
+    cols = ["method", "new tokens", "wall s", "tokens/s", "vs ar", "proposal T", "acceptance", "alpha_hat",
+            "tokens/target call", "VADER", "compile s"]
     print(table(rows, cols, title=f"batch 1 per prompt, {len(DEMO_PROMPTS)} prompts, {args.max_new_tokens} new "
                             f"tokens, T={args.temperature}, K={args.k}; sd drafts with the SFT draft and samples the "
                             "target; eft and sss sample the same aligned law"))

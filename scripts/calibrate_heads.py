@@ -15,6 +15,8 @@ Each head gets the scale with the highest mean alpha_1..alpha_--steps, written i
 scale * temperature unless draft_temperature is given. --dry-run only measures.
 
     .venv/bin/python scripts/calibrate_heads.py --heads rss_jax/assets/heads --out results/calibrate_heads.json
+    .venv/bin/python scripts/calibrate_heads.py --sft runs/head-sft/final --aligned runs/head-dpo/final --model M \
+        --data DIR --eval-file heldout.jsonl   # your own heads (DIR: sample_target.py's output folder)
 """
 from __future__ import annotations
 
@@ -33,7 +35,10 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", default=os.path.join(ROOT, "rss_jax", "assets", "heads"),
-                   help="folder holding smollm2-135m-instruct-sft and smollm2-135m-instruct-aligned")
+                   help="folder holding smollm2-135m-instruct-sft and smollm2-135m-instruct-aligned (train_heads.py's "
+                   "--save)")
+    p.add_argument("--sft", default=None, help="the SFT head's folder (default: the one in --heads)")
+    p.add_argument("--aligned", default=None, help="the aligned head's folder (default: the one in --heads)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--data", default=os.path.join(os.environ.get("RSS_JAX_CACHE", os.path.expanduser(
         "~/.cache/rss_jax")), "head_data"), help="the folder of scripts/train_heads.py's samples and feature caches")
@@ -53,11 +58,12 @@ def main():
     from training import heads as th
 
     t_start = time.time()
-    paths = {role: os.path.join(a.heads, f"smollm2-135m-instruct-{role}") for role in ("sft", "aligned")}
+    paths = {role: getattr(a, role) or os.path.join(a.heads, f"smollm2-135m-instruct-{role}")
+             for role in ("sft", "aligned")}
     for role, path in paths.items():
         if not rss_jax.heads.is_head_folder(path):
             raise SystemExit(f"calibrate_heads.py: error: {path} is not a feature-head folder; give --heads the "
-                             "folder that train_heads.py saved both heads into (its --save)")
+                             f"folder that train_heads.py saved both heads into (its --save), or --{role} the head")
     eval_path = os.path.join(a.data, a.eval_file)
     if not os.path.exists(eval_path):
         raise SystemExit(f"calibrate_heads.py: error: no sample file {eval_path}; make it with "
