@@ -89,13 +89,16 @@ def test_shipped_heads(smollm):
     b, _, _ = hm(feat[:, half:-1], toks[:, half + 1:], emb, rows, cache=cache, lengths=jnp.full((1,), half, jnp.int32))
     np.testing.assert_allclose(np.concatenate([a, b], 1), np.asarray(full), atol=2e-3)
     # acceptance over four prompts (one 48-token answer is ~25 blocks: too few for a stable rate); the shipped head's
-    # held-out per-token acceptance is about 0.48, an untrained head's about 0.005
+    # held-out per-token acceptance is about 0.5, an untrained head's about 0.005. The shipped heads carry a
+    # calibrated proposal temperature, which SD uses when draft_temperature is not given
+    assert sft.draft_temperature_scale is not None and aligned.draft_temperature_scale is not None
     prompts = ["Describe a lighthouse at dawn.", "Give me tips for a picnic in the park.",
                "Write a short note to a friend about a concert.", "What should I pack for a weekend hike?"]
     out = rj.generate(smollm, prompts, method="sd", draft=sft, k=3, max_new_tokens=48, temperature=0.8, eos=[],
                       seed=0)
     print(f"shipped SFT head: alpha_hat {out.stats['alpha_hat']:.3f}, by offset {out.stats['acceptance_by_offset']}")
     assert out.stats["alpha_hat"] > 0.3
+    assert out.stats["draft_temperature"] == pytest.approx(0.8 * sft.draft_temperature_scale)
 
 
 def test_gguf_tokenizer_equals_transformers_gguf_reader(smollm_path):
