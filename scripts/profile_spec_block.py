@@ -7,10 +7,18 @@ each variant in its own process (the compiled loops are cached per process).
 
     .venv/bin/python scripts/profile_spec_block.py ar sd eft sss
     .venv/bin/python scripts/profile_spec_block.py --drop-mean-c sss
+    .venv/bin/python scripts/profile_spec_block.py --trace /tmp/trace sd sss   # where a block's time goes
+
+--trace DIR also records one more call per method (the first prompt) with the JAX profiler (a Perfetto trace in
+DIR/<method>) and prints the time per block of each kind of XLA operation in it (the name before the first dot:
+ffi_call for the CPU matmul kernels, dot, fusions, copy, ...) and of the ten costliest single operations.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
 import json
 import os
 import sys
@@ -27,6 +35,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--drop-mean-c", action="store_true")
+    p.add_argument("--trace", default=None, metavar="DIR", help="also profile one call per method into DIR")
     a = p.parse_args()
 
     import jax.numpy as jnp
@@ -51,6 +60,35 @@ def main():
         print(f"{method}{' (mean_c dropped)' if a.drop_mean_c else ''}: {new / wall:.1f} tok/s, "
               f"{1e3 * wall / max(blocks, 1):.2f} ms per block or step, {new / max(blocks, 1):.2f} tokens per block",
               flush=True)
+        if a.trace:
+            trace(os.path.join(a.trace, method), lambda: rj.generate(lm, prompts[:1], method=method, seed=0, **kw,
+                                                                       **common))
+
+
+def trace(folder: str, call) -> None:
+    """Profile one call; print per-block milliseconds by operation kind and of the costliest operations."""
+    import jax
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        out = call()
+    blocks = max(out.stats.get("blocks", out.stats.get("steps", 0)), 1)
+    files = sorted(glob.glob(os.path.join(folder, "**", "*.json.gz"), recursive=True), key=os.path.getmtime)
+    with gzip.open(files[-1]) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    per_op, per_kind = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or name.startswith(("$", "ThunkExecutor", "SlinkyThreadPool")):
+            continue
+        per_op[name] += e.get("dur", 0) / 1e3 / blocks
+        per_kind[name.split(".")[0]] += e.get("dur", 0) / 1e3 / blocks
+    print(f"  trace ({folder}; {blocks} blocks, {1e3 * out.stats['wall_s'] / blocks:.2f} ms per block while "
+          f"profiled): ms per block by operation kind")
+    for name, ms in per_kind.most_common(8):
+        print(f"    {ms:7.2f}  {name}")
+    print("  costliest operations (ms per block)")
+    for name, ms in per_op.most_common(10):
+        print(f"    {ms:7.2f}  {name}")
 
 
 if __name__ == "__main__":
