@@ -220,18 +220,11 @@ def model_info(source: str) -> dict:
     from rss_jax.loading import gguf_io, load_tokenizer, orbax_io
     from rss_jax.loading.names import CheckpointError
     from rss_jax.models.config import read_hf_config
-    from rss_jax.models.feature_head import HeadConfig, num_params
+    from rss_jax.models.feature_head import num_params
 
     head_path = heads.resolve_builtin_head(source) or source
     if heads.is_head_folder(head_path):
-        marker = os.path.join(head_path, orbax_io.MARKER)
-        try:
-            with open(marker) as f:
-                meta = json.load(f)
-            cfg = HeadConfig.from_json(meta["config"])
-            scale = heads.check_temperature_scale(meta.get("draft_temperature_scale"))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{marker}: corrupt feature-head description ({type(e).__name__}: {e})") from e
+        cfg, scale = heads.read_description(head_path)
         n = num_params(cfg)
         t = cfg.target
         target = (f"{t['model_type'] or t['family']} ({t['family']} family), {t['num_layers']} layers, hidden "

@@ -24,6 +24,7 @@ from rss_jax.loading.names import CheckpointError, flatten, unflatten
 from rss_jax.loading.orbax_io import MARKER, atomic_folder
 from rss_jax.models.feature_head import HeadConfig, HeadTargetMismatch, abstract_head, init_head, num_params
 from rss_jax.report import public_mode
+from rss_jax.sampling import optional_positive
 
 WEIGHTS = "head.safetensors"
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "heads")
@@ -49,13 +50,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 def check_temperature_scale(value) -> float | None:
     """A head's draft_temperature_scale: None, or a finite number > 0 (a bad one names itself)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"draft_temperature_scale must be a finite number > 0 (None: draft at the target's "
-                         f"temperature), got {value!r}")
-    return float(value)
+    return optional_positive(value, "draft_temperature_scale", "draft at the target's temperature")
 
 
 @dataclasses.dataclass
@@ -176,17 +171,22 @@ def from_flat(config: HeadConfig, flat: dict, dtype: str = "float32", source: st
     return FeatureDraft(config=config, graphdef=graphdef, state=abstract, source=source, dtype=dtype)
 
 
-def load_head(path: str, dtype: str = "float32") -> FeatureDraft:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def read_description(path: str) -> tuple[HeadConfig, float | None]:
+    """(HeadConfig, draft_temperature_scale) from a head folder's rss_jax.json, without its weights; a broken
+    description is a CheckpointError naming the file."""
     marker = os.path.join(path, MARKER)
     try:
         with open(marker) as f:
             meta = json.load(f)
-        config = HeadConfig.from_json(meta["config"])
-        scale = check_temperature_scale(meta.get("draft_temperature_scale"))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        return HeadConfig.from_json(meta["config"]), check_temperature_scale(meta.get("draft_temperature_scale"))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{marker}: corrupt feature-head description ({type(e).__name__}: {e})") from e
+
+
+def load_head(path: str, dtype: str = "float32") -> FeatureDraft:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    config, scale = read_description(path)
     weights = os.path.join(path, WEIGHTS)
     if not os.path.exists(weights):
         raise CheckpointError(f"{path}: the head's weights {WEIGHTS} are missing; save the head again")

@@ -85,15 +85,20 @@ def _is_static_zero(temperature) -> bool:
     return _is_real_number(temperature) and float(temperature) == 0.0
 
 
-def validate_draft_temperature(value) -> float | None:
-    """A proposal temperature (speculative methods' draft_temperature): None (the target's), or a finite number
-    > 0, returned as float. Raises ValueError naming the knob otherwise."""
+def optional_positive(value, name: str, none_means: str) -> float | None:
+    """None, or a finite number > 0 returned as float; anything else raises ValueError naming the knob `name` and
+    what None means for it."""
     if value is None:
         return None
     if not _is_real_number(value) or not (float(value) > 0 and math.isfinite(float(value))):
-        raise ValueError(f"draft_temperature must be a finite number > 0 (None: the target's temperature), got "
-                         f"{value!r}")
+        raise ValueError(f"{name} must be a finite number > 0 (None: {none_means}), got {value!r}")
     return float(value)
+
+
+def validate_draft_temperature(value) -> float | None:
+    """A proposal temperature (speculative methods' draft_temperature): None (the target's), or a finite number
+    > 0, returned as float. Raises ValueError naming the knob otherwise."""
+    return optional_positive(value, "draft_temperature", "the target's temperature")
 
 
 def validate_sampling_args(temperature=1.0, top_k=None, top_p=None, min_p=None) -> None:

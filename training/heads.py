@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rss_jax.heads import FeatureDraft, from_flat
+from rss_jax.heads import FeatureDraft, check_temperature_scale, from_flat
 from rss_jax.loading.names import flatten
 from rss_jax.models.layers import attention
 from rss_jax.sampling import validate_draft_temperature
@@ -386,16 +386,22 @@ def evaluate_acceptance(target, head: FeatureDraft, fs: FeatureSet, steps: int =
     embed, rows = target_tables(target, head)
     spec = HeadTrainSpec(graphdef=head.graphdef, steps=steps, temperature=temperature,
                          proposal_temperature=validate_draft_temperature(draft_temperature))
+    return _mean_over_positions(fs, batch_size, steps, lambda batch: _alpha_sums(spec, head.state, batch, embed, rows))
+
+
+def _mean_over_positions(fs: FeatureSet, batch_size: int, steps: int, sums_of) -> list[float]:
+    """Per drafting step, the mean over every counted response position of `fs`: `sums_of(batch)` gives ([steps]
+    sums, [steps] position counts) of one fixed-size batch (the last one padded with rows of length 0, which count
+    nowhere, so every batch has one shape and one compiled function)."""
     sums, counts = np.zeros(steps), np.zeros(steps)
     for s in range(0, len(fs), batch_size):
         idx = np.arange(s, min(s + batch_size, len(fs)))
         pad = batch_size - len(idx)
-        idx_p = np.concatenate([idx, np.full(pad, idx[0])]) if pad else idx
-        batch = _batch(fs, idx_p)
-        if pad:  # padded rows get length 0: no position counts
+        batch = _batch(fs, np.concatenate([idx, np.full(pad, idx[0])]) if pad else idx)
+        if pad:
             batch["lengths"] = batch["lengths"].at[len(idx):].set(0)
-        alpha_sum, n = _alpha_sums(spec, head.state, batch, embed, rows)
-        sums += np.asarray(alpha_sum)
+        part, n = sums_of(batch)
+        sums += np.asarray(part)
         counts += np.asarray(n)
     return (sums / np.maximum(counts, 1)).tolist()
 
@@ -415,23 +421,15 @@ def evaluate_shifted_acceptance(target, draft: FeatureDraft, sft: FeatureDraft, 
     draft.check_target(target)
     embed, rows = target_tables(target, draft)
     dt = validate_draft_temperature(draft_temperature) or temperature
-    static = (draft.graphdef, sft.graphdef, steps, float(temperature), float(dt))
-    sums, counts = np.zeros(steps), np.zeros(steps)
-    for s in range(0, len(fs), batch_size):
-        idx = np.arange(s, min(s + batch_size, len(fs)))
-        pad = batch_size - len(idx)
-        batch = _batch(fs, np.concatenate([idx, np.full(pad, idx[0])]) if pad else idx)
-        if pad:
-            batch["lengths"] = batch["lengths"].at[len(idx):].set(0)
-        alpha_sum, n = _shifted_alpha_sums(static, draft.state, sft.state, batch, embed, rows, jnp.float32(shift))
-        sums += np.asarray(alpha_sum)
-        counts += np.asarray(n)
-    return (sums / np.maximum(counts, 1)).tolist()
+    # temperatures and shift are traced: calibrating over several proposal temperatures compiles once
+    knobs = tuple(jnp.float32(x) for x in (temperature, dt, shift))
+    return _mean_over_positions(fs, batch_size, steps, lambda batch: _shifted_alpha_sums(
+        (draft.graphdef, sft.graphdef, steps), draft.state, sft.state, batch, embed, rows, *knobs))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _shifted_alpha_sums(static, p_draft, p_sft, batch, embed_table, out_rows, shift):
-    gd_d, gd_s, steps, temperature, draft_t = static
+def _shifted_alpha_sums(static, p_draft, p_sft, batch, embed_table, out_rows, temperature, draft_t, shift):
+    gd_d, gd_s, steps = static
     draft, sft = nnx.merge(gd_d, p_draft), nnx.merge(gd_s, p_sft)
     lq = ttt_logits(draft, batch["taps"], batch["tokens"], embed_table, out_rows, steps)
     ls = ttt_logits(sft, batch["taps"], batch["tokens"], embed_table, out_rows, 1)[0]
@@ -457,8 +455,9 @@ def calibrate_proposal(target, head: FeatureDraft, fs: FeatureSet, scales=(0.7, 
         raise ValueError("calibrate_proposal needs at least one scale to try, e.g. scales=(0.8, 0.9, 1.0)")
     rows = []
     for sc in scales:
-        if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not math.isfinite(sc) or sc <= 0:
-            raise ValueError(f"a proposal temperature scale must be a finite number > 0, got {sc!r}")
+        sc = check_temperature_scale(sc)  # each candidate is a head's draft_temperature_scale: the same check
+        if sc is None:
+            raise ValueError("calibrate_proposal's scales are numbers > 0; None is not one")
         dt = None if sc == 1 else sc * temperature
         if sft is None:
             alpha = evaluate_acceptance(target, head, fs, steps=steps, temperature=temperature,
