@@ -20,7 +20,8 @@ per-layer row over this row's time (above 1 = faster). The same process, one row
 `--dense`: the float32 dense kernel over 30 layers of SmolLM2's projection shapes at each --batch row count (a
 decode step, a verification block of K + 1 rows, a batch), with its weight GB/s and its time against the fewest
 rows. `--head`: the output head of SmolLM2-135M (random [49152, 576] rows, float32 and bfloat16) against 1-8 activation
-rows, as `kernels.dense_rows_matmul`'s CPU kernel and as XLA's einsum (compiled with the decode loops' options);
+rows (--head-rows 8192: a feature head's draft
+vocabulary W[D]), as `kernels.dense_rows_matmul`'s CPU kernel and as XLA's einsum (compiled with the decode loops' options);
 what `kernels.rows_kernel_pays` decides from. `--attention`: the few-token attention of 30 layers of SmolLM2's shape
 (3 KV heads, 3 query heads each, head size 64) over a cache, as block products (`layers._head_scores`, what the
 decode loops run) and as the broadcast products reduced over the head size (what they ran before, and still run
@@ -78,12 +79,13 @@ def bench_head(args):
         raise SystemExit("the CPU kernels are not available here (no C++ compiler, not the CPU backend, or "
                          f"{kernels.KERNEL_ENV}=off): there is nothing to compare XLA's head product with")
     rng = np.random.default_rng(0)
-    table_f32 = jnp.asarray(rng.standard_normal((49152, E), dtype=np.float32) * 0.05)
+    n_rows = args.head_rows
+    table_f32 = jnp.asarray(rng.standard_normal((n_rows, E), dtype=np.float32) * 0.05)
     opts = compiler_options()
     rows = []
     for dtype in (jnp.float32, jnp.bfloat16):
         w = table_f32.astype(dtype)
-        for m in (1, 2, 4, 5, 8):
+        for m in (1, 2, 4, 5, 8, 9):
             x = jnp.asarray(rng.standard_normal((m, E), dtype=np.float32))
             kernel = lambda x, w: jax.ffi.ffi_call(  # noqa: E731
                 kernels.DENSE_ROWS_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
@@ -92,7 +94,7 @@ def bench_head(args):
             t_x = per_call(jax.jit(xla).lower(x, w).compile(opts), x, w, repeats=args.repeats)
             rows.append({"weights": jnp.dtype(dtype).name, "rows": m, "kernel ms": t_k * 1e3, "XLA ms": t_x * 1e3,
                          "XLA / kernel": t_x / t_k, "used": "kernel" if kernels.rows_kernel_pays(m, dtype) else "XLA"})
-    title = f"output head [49152, 576] x rows^T, {machine()}"
+    title = f"output head [{n_rows}, 576] x rows^T, {machine()}"
     print(table(rows, title=title))
     write_json(args.out or "results/bench_matmul_head.json",
                {"machine": machine(), "rows": rows, "command": " ".join(sys.argv)})
@@ -217,6 +219,8 @@ def main():
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--head", action="store_true", help="time the output-head product instead (kernel vs XLA)")
+    ap.add_argument("--head-rows", type=int, default=49152, help="--head: output rows (49152, SmolLM2's "
+                    "vocabulary; 8192, a feature head's draft vocabulary)")
     ap.add_argument("--attention", action="store_true", help="time few-token attention instead (block vs "
                     "broadcast products)")
     ap.add_argument("--dense", action="store_true", help="time the float32 dense kernel of the layers at each "

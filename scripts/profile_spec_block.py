@@ -9,6 +9,13 @@ each variant in its own process (the compiled loops are cached per process).
     .venv/bin/python scripts/profile_spec_block.py --drop-mean-c sss
     .venv/bin/python scripts/profile_spec_block.py --trace /tmp/trace sd sss   # where a block's time goes
 
+--compare FIELD also runs each method with a switch of the engine's SpecConfig turned on, alternating the two per
+prompt (block times drift by 10% between runs minutes apart; alternating cancels that), and prints both and their
+ratio of ms per block: `full_vocab_verify` (SSS and EFT verify over the whole vocabulary, as before the engine
+verified heads over their draft vocabulary D plus one column).
+
+    .venv/bin/python scripts/profile_spec_block.py --compare full_vocab_verify --prompts 16 sss eft
+
 --trace DIR also records one more call per method (the first prompt) with the JAX profiler (a Perfetto trace in
 DIR/<method>) and prints the time per block of each kind of XLA operation in it (the name before the first dot:
 ffi_call for the CPU matmul kernels, dot, fusions, copy, ...) and of the ten costliest single operations.
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import functools
 import glob
 import gzip
 import json
@@ -35,6 +44,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--drop-mean-c", action="store_true")
+    p.add_argument("--compare", choices=["full_vocab_verify"], default=None,
+                   help="also time each method with this SpecConfig switch on, alternated per prompt")
     p.add_argument("--trace", default=None, metavar="DIR", help="also profile one call per method into DIR")
     a = p.parse_args()
 
@@ -52,17 +63,42 @@ def main():
     for method in a.methods:
         kw = {"ar": {}, "sd": dict(draft=sft, k=a.k), "sss": dict(draft=aligned, sft=sft, k=a.k),
               "eft": dict(draft=aligned, sft=sft)}[method]
-        rj.generate(lm, prompts[:1], method=method, seed=0, **kw, **common)  # compile
-        outs = [rj.generate(lm, [q], method=method, seed=i, **kw, **common) for i, q in enumerate(prompts)]
-        wall = sum(o.stats["wall_s"] for o in outs)
-        new = sum(o.stats["new_tokens"] for o in outs)
-        blocks = sum(o.stats.get("blocks", o.stats.get("steps", 0)) for o in outs)
-        print(f"{method}{' (mean_c dropped)' if a.drop_mean_c else ''}: {new / wall:.1f} tok/s, "
-              f"{1e3 * wall / max(blocks, 1):.2f} ms per block or step, {new / max(blocks, 1):.2f} tokens per block",
-              flush=True)
+        variants = [("", {})]
+        if a.compare and method != "ar" and (a.compare != "full_vocab_verify" or method in ("sss", "eft")):
+            variants.append((f" ({a.compare})", {a.compare: True}))
+        outs = {name: [] for name, _ in variants}
+        for i, q in enumerate([prompts[0]] + prompts):  # the first call of each variant compiles: not counted
+            for name, extra in variants[::1 if i % 2 else -1]:  # alternate which variant runs first
+                with spec_config_fields(speculative, extra):
+                    out = rj.generate(lm, [q], method=method, seed=i, **kw, **common)
+                if i:
+                    outs[name].append(out)
+        ms = {}
+        for name, _ in variants:
+            wall = sum(o.stats["wall_s"] for o in outs[name])
+            new = sum(o.stats["new_tokens"] for o in outs[name])
+            blocks = sum(o.stats.get("blocks", o.stats.get("steps", 0)) for o in outs[name])
+            ms[name] = 1e3 * wall / max(blocks, 1)
+            print(f"{method}{name}{' (mean_c dropped)' if a.drop_mean_c else ''}: {new / wall:.1f} tok/s, "
+                  f"{ms[name]:.2f} ms per block or step, {new / max(blocks, 1):.2f} tokens per block", flush=True)
+        if len(variants) == 2:
+            print(f"{method}: ms per block, default / {a.compare} = "
+                  f"{ms[''] / ms[variants[1][0]]:.3f}", flush=True)
         if a.trace:
             trace(os.path.join(a.trace, method), lambda: rj.generate(lm, prompts[:1], method=method, seed=0, **kw,
                                                                        **common))
+
+
+@contextlib.contextmanager
+def spec_config_fields(speculative, fields: dict):
+    """Within the block, every SpecConfig the engine builds gets `fields` (static: their own compiled loop)."""
+    original = speculative.SpecConfig
+    if fields:
+        speculative.SpecConfig = functools.partial(original, **fields)
+    try:
+        yield
+    finally:
+        speculative.SpecConfig = original
 
 
 def trace(folder: str, call) -> None:

@@ -109,6 +109,7 @@ def _softmax(z):
 
 
 SD_T = 0.7  # SD runs tempered: a peakier law, so a sharper check
+SSS_T = 0.8  # the tempered SSS checks
 
 
 def _sd_rule(lt):
@@ -247,14 +248,49 @@ def test_sss_exact_and_eft_with_heads_sample_p_tilde(models, laws, method, k):
 @pytest.mark.parametrize("method,k", [("sss", 2), ("eft", 0)])
 def test_heads_sharing_a_draft_vocabulary_sample_p_tilde(models, method, k):
     """An SFT head with the aligned head's own vocabulary (as a head and its DPO copy have): the re-run scores both
-    heads with one product over the shared rows W[D]; the law is still p~."""
+    heads with one product over the shared rows W[D]; the law is still p~ (at a temperature other than 1, so that
+    verifying in D with the target's outside mass in one extra column is checked against softmax(... / T))."""
     lm, aligned, _, _ = models
     sft = _head(lm.config, (1,), D_R, 4)
-    law = _law3(lm, [aligned, sft], _p_tilde)
+    law = _law3(lm, [aligned, sft], lambda *l: _p_tilde(*(x / SSS_T for x in l)))  # p~ at temperature SSS_T
     out = rj.generate(lm, [PROMPT] * N, method=method, draft=aligned, sft=sft, k=max(k, 1), max_new_tokens=3,
-                      temperature=1.0, eos=[], seed=61 + k)
+                      temperature=SSS_T, eos=[], seed=61 + k)
     _check_law(out, law)
     assert set(np.unique(out.tokens).tolist()) <= set(D_R)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.3])
+def test_draft_space_keeps_full_vocabulary_normalisers(temperature):
+    """SSS/EFT with heads verify over D plus one column for the rest: the tempered log-softmax at D's columns and
+    the mean_c statistic equal NumPy's over the whole vocabulary (target finite everywhere, aligned head -inf
+    outside D, SFT head -inf outside a wider D_S; one id of D marked unusable)."""
+    from rss_jax import sampling
+    rng = np.random.default_rng(3)
+    ids = np.asarray(D_R)
+    usable = ids != 20  # id 20 unusable: -inf in every model
+    lt = rng.normal(size=(2, 3, V)) * 2
+    lr = np.full((2, 3, V), -np.inf)
+    lr[..., ids] = rng.normal(size=(2, 3, len(ids)))
+    ls = np.full((2, 3, V), -np.inf)
+    ls[..., np.asarray(D_S)] = rng.normal(size=(2, 3, len(D_S)))
+    for x in (lt, lr, ls):
+        x[..., 20] = -np.inf
+    outside = np.ones(V, bool)
+    outside[ids] = False
+    to_d = functools.partial(speculative.draft_space_logits, usable=usable, outside=outside, temperature=temperature)
+    dt, dr, ds = to_d(lt[..., ids], lt), to_d(lr[..., ids]), to_d(ls[..., ids], ls)
+
+    def log_softmax(z):
+        z = z / temperature
+        return z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+
+    for d, full in ((dt, lt), (dr, lr), (ds, ls)):
+        got = np.asarray(jax.nn.log_softmax(d / temperature, axis=-1))[..., :-1]
+        np.testing.assert_allclose(got[..., usable], log_softmax(full)[..., ids[usable]], rtol=1e-5, atol=1e-5)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.exp(log_softmax(lr) + log_softmax(lt) - log_softmax(ls))
+    want = np.where(np.isfinite(lr), terms, 0.0).sum(-1)
+    np.testing.assert_allclose(np.asarray(sampling.mean_c(dt, dr, ds, temperature)), want, rtol=1e-5)
 
 
 def test_drafting_time_pi_r_is_caught(models, laws, monkeypatch):
@@ -300,11 +336,13 @@ def test_draft_temperature_scale_is_saved_loaded_and_used(models, tmp_path):
 
 
 def test_paper_mode_with_heads(models):
-    """The first token follows the paper rule's own law (pi_r = the head on true features); per-seed deterministic."""
+    """The first token follows the paper rule's own law (pi_r = the head on true features); per-seed deterministic.
+    At T = SSS_T: its acceptance ratio pi_ref(d) / pi_sft(d) needs the tempered normalisers over the whole
+    vocabulary (the target's and the wider SFT head's mass outside the aligned head's vocabulary)."""
     lm, aligned, sft, _ = models
     seqs = np.array([PROMPT + [0]])
-    first = _paper_rule(*(x[:, 0] for x in _next_logits(lm, [aligned, sft], seqs)))[0]
-    kw = dict(method="sss", mode="paper", draft=aligned, sft=sft, k=2, max_new_tokens=3, temperature=1.0, eos=[])
+    first = _paper_rule(*(x[:, 0] / SSS_T for x in _next_logits(lm, [aligned, sft], seqs)))[0]
+    kw = dict(method="sss", mode="paper", draft=aligned, sft=sft, k=2, max_new_tokens=3, temperature=SSS_T, eos=[])
     out = rj.generate(lm, [PROMPT] * (N // 2), seed=5, **kw)  # a one-token law: half the rows suffice
     tv, limit = _tv_check(out.tokens[:, :1], first)
     assert tv < limit, (tv, limit)

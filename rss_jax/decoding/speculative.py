@@ -40,6 +40,7 @@ The target's embedding table and the heads' output rows W[D] are gathered once p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -75,6 +76,9 @@ class SpecConfig:
     # test-only: put the drafting-time (fed-back) head logits into p~ instead of the true-feature re-run's, the
     # wrong rule that tests/test_feature_heads.py shows the law check catches; never set it otherwise
     drafting_pi_r: bool = False
+    # verify SSS/EFT with heads over the whole vocabulary instead of D plus one column (the same law; for
+    # scripts/profile_spec_block.py to time both ways in one run)
+    full_vocab_verify: bool = False
 
     @property
     def proposal_temperature(self) -> float:
@@ -97,6 +101,24 @@ def fit_vocab(logits, vocab: int, usable: int | None = None):
     return jnp.pad(logits, pad, constant_values=NEG)
 
 
+def draft_space_logits(logits_d, full=None, *, usable, outside, temperature):
+    """Logits over a draft vocabulary D plus one column for the rest of the vocabulary, [..., |D| + 1] float32.
+
+    logits_d [..., |D|]: a model's logits at D's ids (-inf where `usable` [|D|] is False). The last column is
+    T logsumexp(full / T) over the ids where `outside` [V] is True (the usable ids not in D) of the model's
+    full-vocabulary logits `full` [..., V], or -inf without `full` (a model with no mass outside D). So softmax(x / T)
+    of the result gives, at D's columns, exactly the full vocabulary's softmax(full / T) at D's ids: the normaliser
+    is kept, which SSS's paper and authors_code acceptance ratios and the mean_c statistic need.
+    """
+    d = jnp.where(usable, jnp.asarray(logits_d, jnp.float32), -jnp.inf)
+    if full is None:
+        rest = jnp.full(d.shape[:-1] + (1,), -jnp.inf, jnp.float32)
+    else:
+        scaled = jnp.asarray(full, jnp.float32) / temperature
+        rest = temperature * jax.nn.logsumexp(jnp.where(outside, scaled, -jnp.inf), axis=-1, keepdims=True)
+    return jnp.concatenate([d, rest], axis=-1)
+
+
 def _dtype(model):
     return compute_dtype(model)
 
@@ -111,6 +133,11 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
     target, draft = decode_model(gd_t, st_t), decode_model(gd_d, st_d)
     sft = decode_model(gd_s, st_s) if cfg.three_models else None
     heads = _is_head(draft)  # static: feature-draft heads (both drafts are heads for SSS/EFT)
+    # SSS/EFT with heads verify in the aligned head's vocabulary D (plus one column for the rest), not over |V|:
+    # p~, pi_r and every residual are zero outside D, and the target's (and a differently trimmed SFT head's) mass
+    # outside D sits in the extra column, so each log-softmax keeps its full-vocabulary normaliser. The same law,
+    # |V|/|D| times less verify work. Static T = 0 (argmax) and shift 0 (p~ = pi_ref) keep the full vocabulary.
+    d_space = heads and cfg.three_models and cfg.temperature != 0 and cfg.shift != 0 and not cfg.full_vocab_verify
     b, p = prompt_tokens.shape
     k, n, v = cfg.k, cfg.max_new_tokens, cfg.vocab
     # SD: the target keeps all its rows (the draft's missing ones just get q = 0); SSS/EFT: p~ combines three models,
@@ -141,6 +168,15 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
         # a head and its DPO copy share D, so the re-run can score both in one product (static)
         shared_rows = sft is not None and tuple(sft.config.token_ids) == tuple(draft.config.token_ids)
         rows_s = None if sft is None or shared_rows else jnp.take(w_out, jnp.asarray(sft.config.token_ids), axis=0)
+        if d_space:
+            # ids (below the shared vocabulary) outside D, whose mass the extra last column of the D space carries
+            outside = np.arange(v) < min(v, usable or v)
+            ids_np = np.asarray(draft.config.token_ids)
+            outside[ids_np[ids_np < v]] = False
+            outside = jnp.asarray(outside)
+            ids_ext = jnp.concatenate([draft_ids, jnp.zeros((1,), jnp.int32)])  # the last column is never drawn
+            to_d = functools.partial(draft_space_logits, usable=draft_ok, outside=outside,
+                                     temperature=cfg.temperature)
 
         def head_logits(model, logits_d):
             return fit_vocab(full_vocab(logits_d, model.config.token_ids, vh), v, usable)
@@ -189,19 +225,21 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
                 def head_step(hc, j):
                     c_d, feat, x = hc
                     logits, hid, c_d = draft(feat, x[:, None], embed, rows_d, cache=c_d, lengths=head_len + j)
-                    l = head_logits(draft, logits[:, 0])
+                    l = to_d(logits[:, 0]) if d_space else head_logits(draft, logits[:, 0])
                     # sample in the draft vocabulary (a draw over |D| tokens instead of |V|): the same law as sampling
-                    # the full-vocabulary row l, which is -inf outside D, and q below is computed from l
-                    d = draft_ids[sample_draft(j, jnp.where(draft_ok, logits[:, 0], -jnp.inf))]
-                    return (c_d, hid.astype(feat.dtype), d), (l, d)
+                    # the full-vocabulary row, which is -inf outside D, and q below is computed from l
+                    i = sample_draft(j, jnp.where(draft_ok, logits[:, 0], -jnp.inf))
+                    d = draft_ids[i]
+                    return (c_d, hid.astype(feat.dtype), d), (l, d, i)
 
-                (c_d, _, _), (l_d, d_all) = jax.lax.scan(head_step, (c_d, feat_d(tap_prev[:, None]), pending),
-                                                         jnp.arange(k))
-                l_d = jnp.swapaxes(l_d, 0, 1)  # [B, K, V], drafting-time logits
+                (c_d, _, _), (l_d, d_all, i_all) = jax.lax.scan(head_step, (c_d, feat_d(tap_prev[:, None]), pending),
+                                                                jnp.arange(k))
+                l_d = jnp.swapaxes(l_d, 0, 1)  # [B, K, V] (D space: [B, K, |D| + 1]), drafting-time logits
                 drafts = jnp.swapaxes(d_all, 0, 1)  # [B, K]
+                draft_idx = jnp.swapaxes(i_all, 0, 1)  # [B, K], the drafts' columns in D
             else:
-                l_d = jnp.zeros((b, 0, v), jnp.float32)
-                drafts = jnp.zeros((b, 0), jnp.int32)
+                l_d = jnp.zeros((b, 0, len(draft.config.token_ids) + 1 if d_space else v), jnp.float32)
+                drafts = draft_idx = jnp.zeros((b, 0), jnp.int32)
         elif cfg.three_models:
             # K + 1 steps on [pending, d_1..d_K]: the last writes d_K and gives pi_r's row K, which SSS needs
             (c_d, _), (l_d, d_all) = jax.lax.scan(draft_step, (c_d, pending), jnp.arange(k + 1))
@@ -236,7 +274,13 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
                 else:
                     lr, _, c_d = draft(feat_d(feats), fed, embed, rows_d, cache=c_d, lengths=head_len)
                     ls, _, c_s = sft(feat_s(feats), fed, embed, rows_s, cache=c_s, lengths=head_len)
-                l_r, l_s = head_logits(draft, lr), head_logits(sft, ls)  # [B, K+1, V]
+                if not d_space:
+                    l_r, l_s = head_logits(draft, lr), head_logits(sft, ls)  # [B, K+1, V]
+                elif shared_rows:
+                    l_r, l_s = to_d(lr), to_d(ls)  # [B, K+1, |D| + 1]
+                else:  # the SFT head's rows at D, and its mass outside D (its own D may be larger) in the last column
+                    ls_full = head_logits(sft, ls)
+                    l_r, l_s = to_d(lr), to_d(jnp.take(ls_full, jnp.minimum(draft_ids, v - 1), axis=-1), ls_full)
                 if cfg.drafting_pi_r:  # the wrong rule (tests only): fed-back logits inside p~
                     l_r = jnp.concatenate([l_d, l_r[:, k:]], axis=1)
             else:
@@ -247,10 +291,14 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
                 logits_s, c_s = sft(fed, cache=c_s, lengths=lengths)
                 l_r, l_s = l_d, fit_vocab(logits_s, v, usable)
         l_t = fit_vocab(logits_t, v, usable)
+        if d_space:
+            l_t = to_d(jnp.take(l_t, jnp.minimum(draft_ids, v - 1), axis=-1), l_t)
         if cfg.three_models:
             mode = "exact" if cfg.method == "eft" else cfg.mode
-            res = sampling.sss_verify_with_flags(keys, drafts, q, l_t, l_r, l_s, mode, cfg.temperature, cfg.shift,
-                                                 cfg.top_k, cfg.top_p, cfg.min_p)
+            res = sampling.sss_verify_with_flags(keys, draft_idx if d_space else drafts, q, l_t, l_r, l_s, mode,
+                                                 cfg.temperature, cfg.shift, cfg.top_k, cfg.top_p, cfg.min_p)
+            if d_space:  # back from D's columns to token ids (authors_code's -1, no bonus, stays)
+                res = res._replace(next_token=jnp.where(res.next_token < 0, res.next_token, ids_ext[res.next_token]))
         else:
             p_probs = sampling.probs_from_logits(l_t, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
             res = sampling.verify_with_target(keys, drafts, q, p_probs)
