@@ -12,9 +12,12 @@ each variant in its own process (the compiled loops are cached per process).
 --compare FIELD also runs each method with a switch of the engine's SpecConfig turned on, alternating the two per
 prompt (block times drift by 10% between runs minutes apart; alternating cancels that), and prints both and their
 ratio of ms per block: `full_vocab_verify` (SSS and EFT verify over the whole vocabulary, as before the engine
-verified heads over their draft vocabulary D plus one column).
+verified heads over their draft vocabulary D plus one column). `--compare int8_heads` alternates the float32 heads
+with their int8 copies (`rj.load(..., quantize="int8")`) instead, and prints tokens per block too (acceptance may
+move).
 
     .venv/bin/python scripts/profile_spec_block.py --compare full_vocab_verify --prompts 16 sss eft
+    .venv/bin/python scripts/profile_spec_block.py --compare int8_heads --prompts 16 sd sss
 
 --trace DIR also records one more call per method (the first prompt) with the JAX profiler (a Perfetto trace in
 DIR/<method>) and prints the time per block of each kind of XLA operation in it (the name before the first dot:
@@ -44,8 +47,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--drop-mean-c", action="store_true")
-    p.add_argument("--compare", choices=["full_vocab_verify"], default=None,
-                   help="also time each method with this SpecConfig switch on, alternated per prompt")
+    p.add_argument("--compare", choices=["full_vocab_verify", "int8_heads"], default=None,
+                   help="also time each method with this SpecConfig switch on (or int8 heads), alternated per prompt")
     p.add_argument("--trace", default=None, metavar="DIR", help="also profile one call per method into DIR")
     a = p.parse_args()
 
@@ -60,21 +63,31 @@ def main():
     with open(os.path.join(ROOT, "data", "prompts_eval.jsonl")) as f:
         prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:a.prompts]
     common = dict(max_new_tokens=a.new_tokens, temperature=0.8, eos=[])
+    heads8 = None
+    if a.compare == "int8_heads":
+        heads8 = (rj.load("smollm2-135m-instruct-head-sft", quantize="int8"),
+                  rj.load("smollm2-135m-instruct-head-aligned", quantize="int8"))
+
+    def method_kw(method, s, al):
+        return {"ar": {}, "sd": dict(draft=s, k=a.k), "sss": dict(draft=al, sft=s, k=a.k),
+                "eft": dict(draft=al, sft=s)}[method]
+
     for method in a.methods:
-        kw = {"ar": {}, "sd": dict(draft=sft, k=a.k), "sss": dict(draft=aligned, sft=sft, k=a.k),
-              "eft": dict(draft=aligned, sft=sft)}[method]
-        variants = [("", {})]
-        if a.compare and method != "ar" and (a.compare != "full_vocab_verify" or method in ("sss", "eft")):
-            variants.append((f" ({a.compare})", {a.compare: True}))
-        outs = {name: [] for name, _ in variants}
+        kw = method_kw(method, sft, aligned)
+        variants = [("", {}, kw)]
+        if a.compare == "int8_heads" and method != "ar":
+            variants.append((" (int8 heads)", {}, method_kw(method, *heads8)))
+        elif a.compare and method != "ar" and (a.compare != "full_vocab_verify" or method in ("sss", "eft")):
+            variants.append((f" ({a.compare})", {a.compare: True}, kw))
+        outs = {name: [] for name, _, _ in variants}
         for i, q in enumerate([prompts[0]] + prompts):  # the first call of each variant compiles: not counted
-            for name, extra in variants[::1 if i % 2 else -1]:  # alternate which variant runs first
+            for name, extra, vkw in variants[::1 if i % 2 else -1]:  # alternate which variant runs first
                 with spec_config_fields(speculative, extra):
-                    out = rj.generate(lm, [q], method=method, seed=i, **kw, **common)
+                    out = rj.generate(lm, [q], method=method, seed=i, **vkw, **common)
                 if i:
                     outs[name].append(out)
         ms = {}
-        for name, _ in variants:
+        for name, _, _ in variants:
             wall = sum(o.stats["wall_s"] for o in outs[name])
             new = sum(o.stats["new_tokens"] for o in outs[name])
             blocks = sum(o.stats.get("blocks", o.stats.get("steps", 0)) for o in outs[name])

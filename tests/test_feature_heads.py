@@ -87,17 +87,21 @@ def _head_ref(gd, st, tap_idx, token_ids, hs, tokens, embed, w_out):
 
 def _next_logits(lm, head_list, seqs):
     """Next-token logits after every prefix of `seqs` [S, T] from position len(PROMPT)-1 on: target [S, T-P+1, V]
-    and each head's (true features) [S, T-P+1, V] float64."""
+    and each head's (true features) [S, T-P+1, V] float64. An int8 head scores with the output rows quantised in
+    groups of 32 by NumPy (what the engine streams for it)."""
+    from tests.test_quantize import np_dequantize, np_quantize
     taps = tuple(sorted({t for h in head_list for t in h.config.taps})) or (0,)
     tokens = jnp.asarray(seqs, jnp.int32)
     lt, hs = _target_ref(lm.graphdef, lm.state, taps, tokens)
     module = lm.module
     embed, w_out = module.token_embeddings(), module.output_matrix()
+    w_int8 = jnp.asarray(np_dequantize(*np_quantize(np.asarray(w_out), 32)))
     p = len(PROMPT)
     out = [np.asarray(lt, np.float64)[:, p - 1:]]
     for h in head_list:
         idx = tuple(taps.index(t) for t in h.config.taps)
-        lh = _head_ref(h.graphdef, h.state, idx, h.config.token_ids, hs, tokens, embed, w_out)
+        rows = w_int8 if h.quantize == "int8" else w_out
+        lh = _head_ref(h.graphdef, h.state, idx, h.config.token_ids, hs, tokens, embed, rows)
         out.append(np.asarray(lh, np.float64)[:, p - 2:])
     return out
 
@@ -291,6 +295,18 @@ def test_draft_space_keeps_full_vocabulary_normalisers(temperature):
         terms = np.exp(log_softmax(lr) + log_softmax(lt) - log_softmax(ls))
     want = np.where(np.isfinite(lr), terms, 0.0).sum(-1)
     np.testing.assert_allclose(np.asarray(sampling.mean_c(dt, dr, ds, temperature)), want, rtol=1e-5)
+
+
+def test_int8_heads_sample_their_own_p_tilde(models):
+    """int8 heads (`quantized("int8")`: int8 matrices, and int8 output rows W[D] in the decode loop): exact SSS
+    samples p~ of the int8 heads, whose logits the oracle computes from NumPy-quantised output rows."""
+    lm, aligned, sft, _ = models
+    a8, s8 = aligned.quantized("int8"), sft.quantized("int8")
+    law = _law3(lm, [a8, s8], lambda *l: _p_tilde(*(x / SSS_T for x in l)))
+    out = rj.generate(lm, [PROMPT] * N, method="sss", draft=a8, sft=s8, k=2, max_new_tokens=3, temperature=SSS_T,
+                      eos=[], seed=71)
+    _check_law(out, law)
+    assert 0.05 < out.stats["acceptance_rate"] < 0.95
 
 
 def test_drafting_time_pi_r_is_caught(models, laws, monkeypatch):

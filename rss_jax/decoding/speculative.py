@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rss_jax import sampling
+from rss_jax import kernels, sampling
 from rss_jax.cache import init_cache
 from rss_jax.decoding import common
 from rss_jax.models.feature_head import full_vocab
@@ -161,13 +161,19 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
         vh = draft.config.vocab_size  # the target's embedding rows
         embed = target.token_embeddings()
         w_out = target.output_matrix()
-        # W[D] once per decode call, outside the loop
-        rows_d = jnp.take(w_out, jnp.asarray(draft.config.token_ids), axis=0)
+        def out_rows(model):
+            """W[D] of a head, once per decode call, outside the loop: for an int8 head int8 rows with grouped
+            scales (a quarter of the bytes that each drafting step and re-run streams), else float rows."""
+            rows = jnp.take(w_out, jnp.asarray(model.config.token_ids), axis=0)
+            return kernels.quantize_rows(rows) if model.is_int8 else rows
+
+        rows_d = out_rows(draft)
         draft_ids = jnp.asarray(draft.config.token_ids, jnp.int32)
         draft_ok = draft_ids < min(v, usable or v)  # ids fit_vocab keeps (a tokenizer may be smaller)
         # a head and its DPO copy share D, so the re-run can score both in one product (static)
-        shared_rows = sft is not None and tuple(sft.config.token_ids) == tuple(draft.config.token_ids)
-        rows_s = None if sft is None or shared_rows else jnp.take(w_out, jnp.asarray(sft.config.token_ids), axis=0)
+        shared_rows = (sft is not None and tuple(sft.config.token_ids) == tuple(draft.config.token_ids)
+                       and sft.is_int8 == draft.is_int8)
+        rows_s = None if sft is None or shared_rows else out_rows(sft)
         if d_space:
             # ids (below the shared vocabulary) outside D, whose mass the extra last column of the D space carries
             outside = np.arange(v) < min(v, usable or v)

@@ -95,7 +95,10 @@ def decode_model(graphdef, state):
 def head_product(module, h, rows):
     """h [..., E] times output rows [N, E] (a token table, a trimmed head's rows) -> float32 logits [..., N]. In a
     module that `decode_model` merged, float32 and bfloat16 rows go through `kernels.dense_rows_matmul` (the CPU
-    kernel where it pays); elsewhere (training, which needs a gradient; meshes) it is an einsum in h's dtype."""
+    kernel where it pays); elsewhere (training, which needs a gradient; meshes) it is an einsum in h's dtype.
+    `rows` may also be a pair (int8 rows [N, E], scales [N, G]) from `kernels.quantize_rows` (an int8 head's W[D])."""
+    if isinstance(rows, tuple):
+        return int8_matmul(h, rows[0], rows[1], jnp.float32)
     if module.__dict__.get("_decode_kernels") and rows.dtype in (jnp.float32, jnp.bfloat16):
         return dense_rows_matmul(h, rows, jnp.float32)
     return jnp.einsum("...e,ve->...v", h, rows.astype(h.dtype), preferred_element_type=jnp.float32)

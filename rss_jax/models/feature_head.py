@@ -206,6 +206,12 @@ class FeatureHead(nnx.Module):
     # the [in, out] matrices that int8 quantisation stores as int8 [out, in] with grouped scales `<name>_scale`
     QUANT_PARAMS = ("fuse_w", "in_proj") + LAYER_MATRICES
 
+    @property
+    def is_int8(self) -> bool:
+        """Whether `quantize_int8` made this head's matrices int8 (a decode loop then scores it with int8 rows W[D]
+        too, `kernels.quantize_rows` of the target's output rows)."""
+        return getattr(self, "in_proj_scale", None) is not None
+
     def layer(self, index: int):
         """The module holding decoder layer `index`'s weights (the head itself for layer 0)."""
         return self if index == 0 else getattr(self, f"block{index}")
