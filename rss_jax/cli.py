@@ -122,11 +122,12 @@ def demo_drafts(lm, args):
         draft = rj.load(args.draft)
         return draft, rj.load(args.sft) if args.sft else draft, "given drafts"
     if args.model == BUILTIN_MODEL:
+        q = None if args.head_weights == "float32" else args.head_weights
         try:
-            sft = rj.load("smollm2-135m-instruct-head-sft")
-            aligned = rj.load("smollm2-135m-instruct-head-aligned")
-            return aligned, sft, ("shipped feature-draft heads: SFT (distilled toward the target) and aligned (DPO on "
-                                  "VADER preferences)")
+            sft = rj.load("smollm2-135m-instruct-head-sft", quantize=q)
+            aligned = rj.load("smollm2-135m-instruct-head-aligned", quantize=q)
+            return aligned, sft, (f"shipped feature-draft heads, {args.head_weights} weights: SFT (distilled toward "
+                                  "the target) and aligned (DPO on VADER preferences)")
         except FileNotFoundError:
             pass
     distilled = os.path.join(draft_cache(), "smollm2-135m-instruct-distilled")
@@ -417,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--draft", default=None, help="aligned draft, a head or a model (default: the shipped aligned "
                    "feature-draft head of the built-in model)")
     d.add_argument("--sft", default=None, help="SFT draft (default: the shipped SFT head; with --draft: the draft)")
+    d.add_argument("--head-weights", choices=["int8", "float32"], default="int8",
+                   help="the shipped heads' weights: int8 (matrices and output rows at one byte plus a scale per 32; "
+                   "a quarter of the bytes per drafting step) or float32; the target stays as loaded")
     d.add_argument("--k", type=POS_INT, default=3,
                    help="draft tokens per block (3: the fastest SSS K of scripts/bench_speculative.py)")
     d.add_argument("--max-new-tokens", type=POS_INT, default=64)

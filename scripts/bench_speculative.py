@@ -5,6 +5,8 @@
     .venv/bin/python scripts/bench_speculative.py --quality-prompts 100 --k 2 3 4 6
     .venv/bin/python scripts/bench_speculative.py --costs-only --k 1 2 3 4 5   # the step costs alone (~2 min)
     .venv/bin/python scripts/bench_speculative.py --no-v2 --compare-heads SFT_DIR ALIGNED_DIR  # two head pairs
+    .venv/bin/python scripts/bench_speculative.py --no-v2 --int8-heads --compare-heads \
+        rss_jax/assets/heads/smollm2-135m-instruct-sft rss_jax/assets/heads/smollm2-135m-instruct-aligned  # int8 heads
 
 Two parts, both batch 1 (each prompt alone: the latency a user waits for), float32, T = 0.8, no EOS stop (every run
 makes exactly --new-tokens tokens), held-out prompts (data/prompts_eval.jsonl: topics the heads never saw):
@@ -52,6 +54,7 @@ def step_costs(lm, head, ks, repeats=10, rounds=4):
     import jax
     import jax.numpy as jnp
 
+    from rss_jax import kernels
     from rss_jax.cache import init_cache
     from rss_jax.decoding.common import compiler_options
     from rss_jax.models.base import decode_model
@@ -60,6 +63,8 @@ def step_costs(lm, head, ks, repeats=10, rounds=4):
     hm = head.module
     emb = tgt.token_embeddings()
     rows = jnp.take(tgt.output_matrix(), jnp.asarray(head.config.token_ids), axis=0)
+    if hm.is_int8:  # as the decode loop streams an int8 head's W[D]
+        rows = kernels.quantize_rows(rows)
     taps = tuple(head.config.taps)
 
     @jax.jit
@@ -117,6 +122,9 @@ def main():
     ap.add_argument("--compare-heads", nargs=2, default=None, metavar=("SFT", "ALIGNED"),
                     help="a second pair of heads (e.g. deeper ones) measured beside the first in the K sweep, rows "
                     "labelled 'heads B'; the quality part uses the first pair")
+    ap.add_argument("--int8-heads", action="store_true", help="load --sft-head and --aligned-head with "
+                    "quantize='int8' (int8 matrices and output rows W[D]; the target stays float32); give the float32 "
+                    "heads as --compare-heads to time both in one run")
     ap.add_argument("--k", type=int, nargs="*", default=[2, 3, 4, 6])
     ap.add_argument("--sweep-prompts", type=int, default=6)
     ap.add_argument("--quality-prompts", type=int, default=100, help="0 skips the quality part")
@@ -143,7 +151,8 @@ def main():
 
     t_start = time.time()
     lm = rj.load("smollm2-135m-instruct")
-    sft, aligned = rj.load(args.sft_head), rj.load(args.aligned_head)
+    head_q = "int8" if args.int8_heads else None
+    sft, aligned = rj.load(args.sft_head, quantize=head_q), rj.load(args.aligned_head, quantize=head_q)
     v2 = None
     v2d = args.v2_draft or os.path.join(draft_cache(), "smollm2-135m-instruct-aligned")
     v2s = args.v2_sft or os.path.join(draft_cache(), "smollm2-135m-instruct-distilled")
@@ -279,7 +288,11 @@ def main():
                 rows.append(row)
             print(table([{k2: v for k2, v in r.items() if k2 not in ("vader_all", "alpha_i")} for r in rows[-2:]]),
                   flush=True)
-    cols = ["method", "draft", "proposal T", "weights", "K", "tok/s", "vs ar", "vs ar int8", "predicted vs ar",
+    head_weights = {"heads": head_q or "float32", "heads B": "float32"}
+    for r in rows:
+        if r["draft"] in head_weights:
+            r["head weights"] = head_weights[r["draft"]]
+    cols = ["method", "draft", "head weights", "proposal T", "weights", "K", "tok/s", "vs ar", "vs ar int8", "predicted vs ar",
             "vs eft", "alpha_hat", "alpha_i", "tokens/target call", "VADER"]
     c_all = "; ".join(f"{label} c = {pc['head_step'] / pc['target_1']:.3f}" for label, pc in pair_costs.items())
     title = (f"K sweep: batch 1, {len(sweep)} held-out prompts, {args.new_tokens} new tokens, T={args.temperature}, "
@@ -320,7 +333,10 @@ def main():
         quality[-1]["draft T"] = dts[0]
     gap = q_sss["VADER"] - q_ar["VADER"]
     gap_se = math.sqrt(q_sss["VADER se"] ** 2 + q_ar["VADER se"] ** 2)
-    qcols = ["method", "K", "proposal T", "tok/s", "vs ar", "vs eft", "alpha_hat", "alpha_i", "tokens/target call",
+    for r in quality:
+        if r["method"] != "ar":
+            r["head weights"] = head_weights["heads"]
+    qcols = ["method", "K", "head weights", "proposal T", "tok/s", "vs ar", "vs eft", "alpha_hat", "alpha_i", "tokens/target call",
              "VADER", "VADER se"]
     qtitle = (f"quality: batch 1, {len(qp)} held-out prompts, {args.new_tokens} new tokens, T={args.temperature}, "
               f"no EOS stop; SSS - AR VADER = {gap:.3f} ({gap / gap_se:.1f} standard errors)")

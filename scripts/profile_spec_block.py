@@ -9,8 +9,11 @@ each variant in its own process (the compiled loops are cached per process).
     .venv/bin/python scripts/profile_spec_block.py --drop-mean-c sss
     .venv/bin/python scripts/profile_spec_block.py --trace /tmp/trace sd sss   # where a block's time goes
 
---compare FIELD also runs each method with a switch of the engine's SpecConfig turned on, alternating the two per
-prompt (block times drift by 10% between runs minutes apart; alternating cancels that), and prints both and their
+All methods (and variants) run on every prompt in a rotating order, so the ratios between them (vs ar, vs eft)
+come from interleaved calls: block times drift by 10% between runs minutes apart, and interleaving cancels that.
+--out FILE writes the table as JSON.
+
+--compare FIELD also runs each method with a switch of the engine's SpecConfig turned on, and prints both and their
 ratio of ms per block: `full_vocab_verify` (SSS and EFT verify over the whole vocabulary, as before the engine
 verified heads over their draft vocabulary D plus one column). `--compare int8_heads` alternates the float32 heads
 with their int8 copies (`rj.load(..., quantize="int8")`) instead, and prints tokens per block too (acceptance may
@@ -50,56 +53,74 @@ def main():
     p.add_argument("--compare", choices=["full_vocab_verify", "int8_heads"], default=None,
                    help="also time each method with this SpecConfig switch on (or int8 heads), alternated per prompt")
     p.add_argument("--trace", default=None, metavar="DIR", help="also profile one call per method into DIR")
+    p.add_argument("--out", default=None, help="also write the rows as JSON here")
     a = p.parse_args()
 
     import jax.numpy as jnp
 
     import rss_jax as rj
     from rss_jax.decoding import speculative
+    from rss_jax.report import machine, table, write_json
     if a.drop_mean_c:
         speculative.sampling.mean_c = lambda lt, lr, ls, t, shift=1.0: jnp.zeros(lt.shape[:-1], jnp.float32)
     lm = rj.load("smollm2-135m-instruct")
     sft, aligned = rj.load("smollm2-135m-instruct-head-sft"), rj.load("smollm2-135m-instruct-head-aligned")
-    with open(os.path.join(ROOT, "data", "prompts_eval.jsonl")) as f:
-        prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:a.prompts]
-    common = dict(max_new_tokens=a.new_tokens, temperature=0.8, eos=[])
     heads8 = None
     if a.compare == "int8_heads":
         heads8 = (rj.load("smollm2-135m-instruct-head-sft", quantize="int8"),
                   rj.load("smollm2-135m-instruct-head-aligned", quantize="int8"))
+    with open(os.path.join(ROOT, "data", "prompts_eval.jsonl")) as f:
+        prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:a.prompts]
+    common = dict(max_new_tokens=a.new_tokens, temperature=0.8, eos=[])
 
     def method_kw(method, s, al):
         return {"ar": {}, "sd": dict(draft=s, k=a.k), "sss": dict(draft=al, sft=s, k=a.k),
                 "eft": dict(draft=al, sft=s)}[method]
 
+    # every (method, variant) runs on every prompt, in a rotating order: drift over the run hits all alike
+    configs = []  # (label, method, SpecConfig fields, generate kwargs)
     for method in a.methods:
-        kw = method_kw(method, sft, aligned)
-        variants = [("", {}, kw)]
+        configs.append((method, method, {}, method_kw(method, sft, aligned)))
         if a.compare == "int8_heads" and method != "ar":
-            variants.append((" (int8 heads)", {}, method_kw(method, *heads8)))
+            configs.append((f"{method} (int8 heads)", method, {}, method_kw(method, *heads8)))
         elif a.compare and method != "ar" and (a.compare != "full_vocab_verify" or method in ("sss", "eft")):
-            variants.append((f" ({a.compare})", {a.compare: True}, kw))
-        outs = {name: [] for name, _, _ in variants}
-        for i, q in enumerate([prompts[0]] + prompts):  # the first call of each variant compiles: not counted
-            for name, extra, vkw in variants[::1 if i % 2 else -1]:  # alternate which variant runs first
-                with spec_config_fields(speculative, extra):
-                    out = rj.generate(lm, [q], method=method, seed=i, **vkw, **common)
-                if i:
-                    outs[name].append(out)
-        ms = {}
-        for name, _, _ in variants:
-            wall = sum(o.stats["wall_s"] for o in outs[name])
-            new = sum(o.stats["new_tokens"] for o in outs[name])
-            blocks = sum(o.stats.get("blocks", o.stats.get("steps", 0)) for o in outs[name])
-            ms[name] = 1e3 * wall / max(blocks, 1)
-            print(f"{method}{name}{' (mean_c dropped)' if a.drop_mean_c else ''}: {new / wall:.1f} tok/s, "
-                  f"{ms[name]:.2f} ms per block or step, {new / max(blocks, 1):.2f} tokens per block", flush=True)
-        if len(variants) == 2:
-            print(f"{method}: ms per block, default / {a.compare} = "
-                  f"{ms[''] / ms[variants[1][0]]:.3f}", flush=True)
-        if a.trace:
-            trace(os.path.join(a.trace, method), lambda: rj.generate(lm, prompts[:1], method=method, seed=0, **kw,
-                                                                       **common))
+            configs.append((f"{method} ({a.compare})", method, {a.compare: True}, method_kw(method, sft, aligned)))
+    outs = {c[0]: [] for c in configs}
+    for i, q in enumerate([prompts[0]] + prompts):  # the first call of each config compiles: not counted
+        shift = i % len(configs)
+        for label, method, extra, kw in configs[shift:] + configs[:shift]:
+            with spec_config_fields(speculative, extra):
+                out = rj.generate(lm, [q], method=method, seed=i, **kw, **common)
+            if i:
+                outs[label].append(out)
+    rows = []
+    for label, method, extra, _ in configs:
+        wall = sum(o.stats["wall_s"] for o in outs[label])
+        new = sum(o.stats["new_tokens"] for o in outs[label])
+        blocks = sum(o.stats.get("blocks", o.stats.get("steps", 0)) for o in outs[label])
+        rows.append({"config": label + (" (mean_c dropped)" if a.drop_mean_c else ""), "tok/s": new / wall,
+                     "ms per block": 1e3 * wall / max(blocks, 1), "tokens per block": new / max(blocks, 1)})
+    by = {r["config"]: r for r in rows}
+    for r in rows:
+        if "ar" in by:
+            r["vs ar"] = r["tok/s"] / by["ar"]["tok/s"]
+        base = r["config"].split(" ")[0]
+        if base != r["config"] and base in by:
+            r["ms per block vs default"] = r["ms per block"] / by[base]["ms per block"]
+        if base == "sss":  # against EFT with the same heads
+            eft = by.get(r["config"].replace("sss", "eft", 1))
+            if eft:
+                r["vs eft"] = r["tok/s"] / eft["tok/s"]
+    title = (f"batch 1, {len(prompts)} held-out prompts each decoded alone, {a.new_tokens} new tokens, T 0.8, K "
+             f"{a.k}, no EOS stop, float32 target; configs alternated per prompt; {machine()}")
+    print(table(rows, title=title), flush=True)
+    if a.out:
+        write_json(a.out, {"machine": machine(), "command": " ".join(sys.argv), "rows": rows})
+    if a.trace:
+        for label, method, extra, kw in configs:
+            if label == method:
+                trace(os.path.join(a.trace, method),
+                      lambda: rj.generate(lm, prompts[:1], method=method, seed=0, **kw, **common))
 
 
 @contextlib.contextmanager

@@ -99,6 +99,12 @@ def test_shipped_heads(smollm):
     print(f"shipped SFT head: alpha_hat {out.stats['alpha_hat']:.3f}, by offset {out.stats['acceptance_by_offset']}")
     assert out.stats["alpha_hat"] > 0.3
     assert out.stats["draft_temperature"] == pytest.approx(0.8 * sft.draft_temperature_scale)
+    # the int8 copy the demo drafts with (int8 matrices and output rows) accepts as well
+    sft8 = rj.load("smollm2-135m-instruct-head-sft", quantize="int8")
+    out8 = rj.generate(smollm, prompts, method="sd", draft=sft8, k=3, max_new_tokens=48, temperature=0.8, eos=[],
+                       seed=0)
+    print(f"int8 SFT head: alpha_hat {out8.stats['alpha_hat']:.3f}")
+    assert out8.stats["alpha_hat"] > 0.3
 
 
 def test_gguf_tokenizer_equals_transformers_gguf_reader(smollm_path):

@@ -35,7 +35,10 @@ then from the previous block's target forward; prompts need >= 2 tokens). One bl
 4. verify as for separate drafts; the row advances by `advance` and tap_prev = H[advance - 1] (the taps of the new
    slot L' - 1; that is H[a] after a rejection or bonus, H[K - 1] after an authors_code full accept).
 EFT with heads is K = 0: no drafting, a one-token re-run at slot L - 1 (tap_prev, pending) gives pi_r, pi_sft row 0.
-The target's embedding table and the heads' output rows W[D] are gathered once per decode call, outside the loop.
+The target's embedding table and the heads' output rows W[D] are gathered once per decode call, outside the loop
+(an int8 head's W[D] quantised to int8 there too). SSS and EFT with heads verify over the aligned head's vocabulary
+D plus one column that holds each model's tempered mass outside D (`draft_space_logits`): p~, pi_r and the
+residuals are zero outside D, so the law is the same as over the whole vocabulary, at |D| / |V| of the verify work.
 """
 from __future__ import annotations
 
