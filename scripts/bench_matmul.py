@@ -19,9 +19,9 @@ per-layer row over this row's time (above 1 = faster). The same process, one row
 
 `--dense`: the float32 dense kernel over 30 layers of SmolLM2's projection shapes at each --batch row count (a
 decode step, a verification block of K + 1 rows, a batch), with its weight GB/s and its time against the fewest
-rows. `--head`: the output head of SmolLM2-135M (random [49152, 576] rows, float32 and bfloat16) against 1-8 activation
-rows (--head-rows 8192: a feature head's draft
-vocabulary W[D]), as `kernels.dense_rows_matmul`'s CPU kernel and as XLA's einsum (compiled with the decode loops' options);
+rows. `--head`: the output head of SmolLM2-135M (random [49152, 576] rows, float32 and bfloat16) against 1-9
+activation rows (--head-rows 8192: a feature head's draft vocabulary W[D]), as `kernels.dense_rows_matmul`'s CPU
+kernel and as XLA's einsum (compiled with the decode loops' options);
 what `kernels.rows_kernel_pays` decides from. `--attention`: the few-token attention of 30 layers of SmolLM2's shape
 (3 KV heads, 3 query heads each, head size 64) over a cache, as block products (`layers._head_scores`, what the
 decode loops run) and as the broadcast products reduced over the head size (what they ran before, and still run

@@ -292,8 +292,8 @@ def main():
     for r in rows:
         if r["draft"] in head_weights:
             r["head weights"] = head_weights[r["draft"]]
-    cols = ["method", "draft", "head weights", "proposal T", "weights", "K", "tok/s", "vs ar", "vs ar int8", "predicted vs ar",
-            "vs eft", "alpha_hat", "alpha_i", "tokens/target call", "VADER"]
+    cols = ["method", "draft", "head weights", "proposal T", "weights", "K", "tok/s", "vs ar", "vs ar int8",
+            "predicted vs ar", "vs eft", "alpha_hat", "alpha_i", "tokens/target call", "VADER"]
     c_all = "; ".join(f"{label} c = {pc['head_step'] / pc['target_1']:.3f}" for label, pc in pair_costs.items())
     title = (f"K sweep: batch 1, {len(sweep)} held-out prompts, {args.new_tokens} new tokens, T={args.temperature}, "
              f"no EOS stop, float32 (and int8 rows with --int8); {c_all}; {machine()}")
@@ -336,8 +336,8 @@ def main():
     for r in quality:
         if r["method"] != "ar":
             r["head weights"] = head_weights["heads"]
-    qcols = ["method", "K", "head weights", "proposal T", "tok/s", "vs ar", "vs eft", "alpha_hat", "alpha_i", "tokens/target call",
-             "VADER", "VADER se"]
+    qcols = ["method", "K", "head weights", "proposal T", "tok/s", "vs ar", "vs eft", "alpha_hat", "alpha_i",
+             "tokens/target call", "VADER", "VADER se"]
     qtitle = (f"quality: batch 1, {len(qp)} held-out prompts, {args.new_tokens} new tokens, T={args.temperature}, "
               f"no EOS stop; SSS - AR VADER = {gap:.3f} ({gap / gap_se:.1f} standard errors)")
     print()

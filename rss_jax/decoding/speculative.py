@@ -164,6 +164,7 @@ def spec_loop(gd_t, gd_d, gd_s, cfg: SpecConfig, st_t, st_d, st_s, prompt_tokens
         vh = draft.config.vocab_size  # the target's embedding rows
         embed = target.token_embeddings()
         w_out = target.output_matrix()
+
         def out_rows(model):
             """W[D] of a head, once per decode call, outside the loop: for an int8 head int8 rows with grouped
             scales (a quarter of the bytes that each drafting step and re-run streams), else float rows."""
