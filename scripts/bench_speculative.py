@@ -14,7 +14,9 @@ makes exactly --new-tokens tokens), held-out prompts (data/prompts_eval.jsonl: t
    heads, and the same with the v2 drafts. Per-offset acceptance alpha_i, tokens per target call, tokens/s, speed-up
    over AR and over EFT, and the cost model's prediction.
 2. Quality on --quality-prompts prompts at --quality-k: AR, SD, EFT and SSS; mean VADER with its standard error,
-   and tokens/s over all of them.
+   and tokens/s over all of them. The four run on every prompt in a rotating order (interleaved calls), so this
+   table's speed ratios do not carry the machine's drift over the run; the sweep runs each row over all its prompts
+   in turn (its ratios do).
 
 Cost model. c = one head drafting step (1-token head forward + logits over D) / one target step; v_K = one target
 forward over K+1 tokens / one target step; r_K = one (K+1)-token head re-run with logits over D / one target step,
@@ -175,6 +177,24 @@ def main():
         rj.generate(target, prompts[:1], method=method, seed=seed0, **kw, **common)  # compile
         outs = [rj.generate(target, [p], method=method, seed=seed0 + i, **kw, **common)
                 for i, p in enumerate(prompts)]
+        return summarize(outs)
+
+    def run_interleaved(prompts, configs, seed0=0):
+        """configs: (method, kwargs) pairs, each run on every prompt (prompt i with seed seed0 + i, as `run` does, so
+        the same tokens) in a rotating order, so that the machine's drift over the run hits every config alike and
+        their speed ratios compare. -> one result per config, as `run` gives."""
+        for method, kw in configs:  # compile
+            rj.generate(lm, prompts[:1], method=method, seed=seed0, **kw, **common)
+        outs = [[] for _ in configs]
+        for i, p in enumerate(prompts):
+            order = list(range(len(configs)))
+            order = order[i % len(order):] + order[:i % len(order)]
+            for c in order:
+                method, kw = configs[c]
+                outs[c].append(rj.generate(lm, [p], method=method, seed=seed0 + i, **kw, **common))
+        return [summarize(o) for o in outs]
+
+    def summarize(outs):
         wall = sum(o.stats["wall_s"] for o in outs)
         new = sum(o.stats["new_tokens"] for o in outs)
         vader = [float(reward.score(o.prompt_ids, [o.tokens[0][:o.lengths[0]].tolist()])[0]) for o in outs]
@@ -317,16 +337,18 @@ def main():
     qk_sd = max(sd_rows, key=lambda r: r["tok/s"])["K"]
     qp = prompts[:args.quality_prompts]
     quality = []
-    q_ar = run(qp, "ar", seed0=1000)
+    # the four methods interleaved per prompt: the headline ratios of this table come from alternated calls
+    q_ar, q_sd, q_eft, q_sss = run_interleaved(qp, [
+        ("ar", {}),
+        ("sd", dict(draft=sft, k=qk_sd, draft_top_k=args.draft_top_k, draft_temperature=dts[0])),
+        ("eft", dict(draft=aligned, sft=sft)),
+        ("sss", dict(draft=aligned, sft=sft, k=qk, draft_top_k=args.draft_top_k, draft_temperature=dts[0]))],
+        seed0=1000)
     quality.append(dict(method="ar", K=None, **q_ar, **{"vs ar": 1.0}))
-    q_sd = run(qp, "sd", seed0=1000, draft=sft, k=qk_sd, draft_top_k=args.draft_top_k, draft_temperature=dts[0])
     quality.append(dict(method="sd", K=qk_sd, **q_sd, **{"vs ar": q_sd["tok/s"] / q_ar["tok/s"]}))
     if dts[0] is not None:
         quality[-1]["draft T"] = dts[0]
-    q_eft = run(qp, "eft", seed0=1000, draft=aligned, sft=sft)
     quality.append(dict(method="eft", K=None, **q_eft, **{"vs ar": q_eft["tok/s"] / q_ar["tok/s"]}))
-    q_sss = run(qp, "sss", seed0=1000, draft=aligned, sft=sft, k=qk, draft_top_k=args.draft_top_k,
-                draft_temperature=dts[0])
     quality.append(dict(method="sss", K=qk, **q_sss, **{"vs ar": q_sss["tok/s"] / q_ar["tok/s"],
                                                         "vs eft": q_sss["tok/s"] / q_eft["tok/s"]}))
     if dts[0] is not None:
