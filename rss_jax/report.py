@@ -1,4 +1,5 @@
-"""Plain-text tables for the command line and the benchmark scripts, and atomic JSON output."""
+"""Plain-text tables for the command line and the benchmark scripts, atomic JSON output, and the interleaved call
+order the benchmarks compare alternatives with."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,19 @@ import math
 import os
 import tempfile
 import threading
+
+
+def interleaved(items: list, configs: list, run_one) -> list[list]:
+    """Run every config on every item, item by item, starting each item one config further along the list (config
+    i % n first for item i): the machine's drift over a run then falls on every config alike, so ratios of their
+    timings compare. `run_one(config, index, item)` -> a result; returns one list of results per config, in item
+    order."""
+    outs = [[] for _ in configs]
+    for i, item in enumerate(items):
+        start = i % len(configs) if configs else 0
+        for c in list(range(start, len(configs))) + list(range(start)):
+            outs[c].append(run_one(configs[c], i, item))
+    return outs
 
 
 def fmt(v, digits: int = 3) -> str:

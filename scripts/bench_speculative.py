@@ -149,7 +149,7 @@ def main():
     import rss_jax as rj
     from rss_jax.cli import draft_cache
     from rss_jax.decoding.speculative import pooled_stats
-    from rss_jax.report import machine, table, write_json
+    from rss_jax.report import interleaved, machine, table, write_json
 
     t_start = time.time()
     lm = rj.load("smollm2-135m-instruct")
@@ -185,13 +185,8 @@ def main():
         their speed ratios compare. -> one result per config, as `run` gives."""
         for method, kw in configs:  # compile
             rj.generate(lm, prompts[:1], method=method, seed=seed0, **kw, **common)
-        outs = [[] for _ in configs]
-        for i, p in enumerate(prompts):
-            order = list(range(len(configs)))
-            order = order[i % len(order):] + order[:i % len(order)]
-            for c in order:
-                method, kw = configs[c]
-                outs[c].append(rj.generate(lm, [p], method=method, seed=seed0 + i, **kw, **common))
+        outs = interleaved(prompts, configs, lambda config, i, p: rj.generate(
+            lm, [p], method=config[0], seed=seed0 + i, **config[1], **common))
         return [summarize(o) for o in outs]
 
     def summarize(outs):

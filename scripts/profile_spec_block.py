@@ -60,7 +60,7 @@ def main():
 
     import rss_jax as rj
     from rss_jax.decoding import speculative
-    from rss_jax.report import machine, table, write_json
+    from rss_jax.report import interleaved, machine, table, write_json
     if a.drop_mean_c:
         speculative.sampling.mean_c = lambda lt, lr, ls, t, shift=1.0: jnp.zeros(lt.shape[:-1], jnp.float32)
     lm = rj.load("smollm2-135m-instruct")
@@ -85,14 +85,13 @@ def main():
             configs.append((f"{method} (int8 heads)", method, {}, method_kw(method, *heads8)))
         elif a.compare and method != "ar" and (a.compare != "full_vocab_verify" or method in ("sss", "eft")):
             configs.append((f"{method} ({a.compare})", method, {a.compare: True}, method_kw(method, sft, aligned)))
-    outs = {c[0]: [] for c in configs}
-    for i, q in enumerate([prompts[0]] + prompts):  # the first call of each config compiles: not counted
-        shift = i % len(configs)
-        for label, method, extra, kw in configs[shift:] + configs[:shift]:
-            with spec_config_fields(speculative, extra):
-                out = rj.generate(lm, [q], method=method, seed=i, **kw, **common)
-            if i:
-                outs[label].append(out)
+    def run_one(config, i, q):
+        _, method, extra, kw = config
+        with spec_config_fields(speculative, extra):
+            return rj.generate(lm, [q], method=method, seed=i, **kw, **common)
+
+    # item 0 (the first prompt once more) compiles each config: not counted
+    outs = {c[0]: o[1:] for c, o in zip(configs, interleaved([prompts[0]] + prompts, configs, run_one))}
     rows = []
     for label, method, extra, _ in configs:
         wall = sum(o.stats["wall_s"] for o in outs[label])
